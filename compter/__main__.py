@@ -1,0 +1,3 @@
+from compter.cli import main
+
+main()

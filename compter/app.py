@@ -1,0 +1,67 @@
+"""Assembles the Quart app around a service; the caller owns the store and telemetry."""
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Protocol
+
+from quart import Quart, Response
+from quart_schema import QuartSchema
+
+from compter import __version__
+from compter.api import MAX_BODY_BYTES, debts, operations, register_errors
+from compter.service import Service
+from compter.watcher import Watcher
+
+
+class PrometheusSource(Protocol):
+    def prometheus_text(self) -> tuple[bytes, str]:
+        """The current metrics in Prometheus text format, and its content type."""
+
+
+def create_app(
+    service: Service,
+    metrics: PrometheusSource,
+    *,
+    watch: bool = True,
+    watcher_max_sleep_s: float | None = None,
+) -> Quart:
+    """Build the app; with `watch`, a deadline watcher runs while it serves."""
+    app = Quart("compter")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.extensions["compter.service"] = service
+    QuartSchema(
+        app,
+        info={"title": "Compter", "version": __version__},
+        redoc_ui_path=None,
+        scalar_ui_path=None,
+    )
+    app.register_blueprint(debts)
+    app.register_blueprint(operations)
+    register_errors(app)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        """The metrics in Prometheus text format."""
+        body, content_type = metrics.prometheus_text()
+        return Response(body, content_type=content_type)
+
+    if watch:
+        _run_while_serving(app, Watcher(service, watcher_max_sleep_s).run)
+    return app
+
+
+def _run_while_serving(app: Quart, task: Callable[[], object]) -> None:
+    running: list[asyncio.Task[object]] = []
+
+    @app.before_serving
+    async def start() -> None:
+        running.append(asyncio.ensure_future(task()))  # type: ignore[arg-type]
+
+    @app.after_serving
+    async def stop() -> None:
+        for pending in running:
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
+        running.clear()
