@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ class RunningCompter:
     url: str
     port: int
     process: subprocess.Popen[str]
+    log: "tempfile._TemporaryFileWrapper[str]"
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15) -> int:
         """Send `sig` and wait for the exit code."""
@@ -33,17 +35,18 @@ class RunningCompter:
         return self.process.wait(timeout_s)
 
     def output(self) -> str:
-        """Everything the process wrote (stdout and stderr); call after it stopped."""
-        out, _ = self.process.communicate()
-        return out or ""
+        """Everything the process wrote so far (stdout and stderr)."""
+        self.log.flush()
+        with open(self.log.name) as written:
+            return written.read()
 
 
-def wait_until_serving(url: str, process: subprocess.Popen[str], timeout_s: float = 20) -> None:
+def wait_until_serving(running: RunningCompter, timeout_s: float = 20) -> None:
     deadline = time.monotonic() + timeout_s
+    url, process = running.url, running.process
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            out, _ = process.communicate()
-            raise RuntimeError(f"compter exited with {process.returncode} before serving:\n{out}")
+            raise RuntimeError(f"compter exited with {process.returncode} before serving:\n{running.output()}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
                 return
@@ -56,19 +59,21 @@ def spawn_compter(*args: str, env: Mapping[str, str] | None = None, port: int | 
     port = port or free_port()
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "COMPTER_"))}
     environment.update(env or {})
+    # A file, not a pipe: a pipe nobody reads would block a chatty server.
+    log = tempfile.NamedTemporaryFile("w+", prefix="compter-", suffix=".log")  # noqa: SIM115
     process = subprocess.Popen(
         [sys.executable, "-m", "compter", "serve", "--port", str(port), *args],
         env=environment,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    running = RunningCompter(f"http://127.0.0.1:{port}", port, process)
+    running = RunningCompter(f"http://127.0.0.1:{port}", port, process, log)
     try:
-        wait_until_serving(running.url, process)
+        wait_until_serving(running)
     except BaseException:
         process.kill()
-        process.communicate()
+        process.wait()
         raise
     return running
 
@@ -84,4 +89,5 @@ def start_compter(
     finally:
         if running.process.poll() is None:
             running.process.kill()
-        running.process.communicate()
+        running.process.wait()
+        running.log.close()
