@@ -1,0 +1,26 @@
+import pytest
+
+from compter.durations import parse_duration
+
+
+@pytest.mark.parametrize(
+    ("given", "seconds"),
+    [
+        (90, 90.0),
+        (0.5, 0.5),
+        ("90s", 90.0),
+        ("15m", 900.0),
+        ("1h30m", 5400.0),
+        ("2d", 172800.0),
+        ("1d2h3m4s", 93784.0),
+        ("0s", 0.0),
+    ],
+)
+def test_parses(given: object, seconds: float) -> None:
+    assert parse_duration(given) == seconds
+
+
+@pytest.mark.parametrize("given", ["", "90", "1.5h", "h", "1x", "30m1h", "-5s", True, None, [], float("nan"), float("inf")])
+def test_rejects(given: object) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(given)
