@@ -21,7 +21,7 @@ MAX_ID = 2**63 - 1
 MAX_NAME_LENGTH = 200
 MAX_STAGES = 100
 MAX_NAMED_PAYMENTS = 1000
-STAGE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+STAGE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 DEFINITION_FIELDS = frozenset({"name", "interval", "grace", "timeout", "stages"})
 
 
@@ -259,6 +259,8 @@ def _define(debt: Debt, changes: Mapping[str, object], trace: TraceContext | Non
     debt = dataclasses.replace(debt, **changes)  # type: ignore[arg-type]
     if debt.interval is not None and debt.timeout is not None:
         raise Invalid("a debt has at most one of `interval` and `timeout`")
+    if debt.stages is not None and not debt.multi_stage:
+        raise Invalid("`stages` are for multi-stage debts: give the debt a `timeout` too")
     if debt.multi_stage and debt.trace is None:
         debt = dataclasses.replace(debt, trace=trace)
     if not debt.recurring and debt.overdue:
