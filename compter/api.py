@@ -3,7 +3,6 @@
 import json
 import logging
 import re
-from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -26,7 +25,9 @@ _STATUS_OF: dict[type[CompterError], int] = {Invalid: 400, NotFound: 404, StoreU
 
 M = TypeVar("M", bound=BaseModel)
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
-Interval = Annotated[Seconds, Field(gt=0, le=model.YEAR_S, description='seconds, or a string like "90s", "1h30m", "2d"')]
+Interval = Annotated[
+    Seconds, Field(gt=0, le=model.YEAR_S, description='seconds, or a string like "90s", "1h30m", "2d"')
+]
 Grace = Annotated[Seconds, Field(ge=0, le=model.YEAR_S, description='seconds, or a string like "90s", "1h30m", "2d"')]
 StageName = Annotated[StrictStr, Field(pattern=model.STAGE_NAME.pattern)]
 
@@ -120,7 +121,7 @@ def debt_json(debt: Debt, now: datetime) -> dict[str, Any]:
     }
 
 
-def json_response(body: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+def json_response(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(
         json.dumps(body, separators=(",", ":")), status=status, headers=headers, content_type="application/json"
     )
@@ -152,7 +153,7 @@ async def _body(model_class: type[M]) -> M:
     except (ValueError, UnicodeDecodeError) as error:
         raise Invalid(f"the body is not valid JSON ({error})") from None
     if not isinstance(document, dict):
-        raise Invalid("the body must be a JSON object, like {\"interval\": \"1h\"}")
+        raise Invalid('the body must be a JSON object, like {"interval": "1h"}')
     return model_class.model_validate(document)
 
 
@@ -160,8 +161,7 @@ def _query(model_class: type[M]) -> M:
     unknown = set(request.args) - set(model_class.model_fields)
     if unknown:
         raise Invalid(
-            f"unknown query parameter(s): {', '.join(sorted(unknown))}; "
-            f"allowed: {', '.join(model_class.model_fields)}"
+            f"unknown query parameter(s): {', '.join(sorted(unknown))}; allowed: {', '.join(model_class.model_fields)}"
         )
     return model_class.model_validate(request.args.to_dict())
 
@@ -200,7 +200,7 @@ async def create_debt() -> Response:
 
 @debts.get("/debts")
 @document_querystring(ListQuery)
-@document_response(list[DebtModel])  # type: ignore[arg-type]
+@document_response(list[DebtModel])
 async def list_debts() -> Response:
     """List debts, ordered by id."""
     query = _query(ListQuery)

@@ -2,7 +2,7 @@
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from quart import Quart, Response
@@ -51,12 +51,12 @@ def create_app(
     return app
 
 
-def _run_while_serving(app: Quart, task: Callable[[], object]) -> None:
-    running: list[asyncio.Task[object]] = []
+def _run_while_serving(app: Quart, task: Callable[[], Awaitable[None]]) -> None:
+    running: list[asyncio.Future[None]] = []
 
     @app.before_serving
     async def start() -> None:
-        running.append(asyncio.ensure_future(task()))  # type: ignore[arg-type]
+        running.append(asyncio.ensure_future(task()))
 
     @app.after_serving
     async def stop() -> None:

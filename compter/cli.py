@@ -71,7 +71,7 @@ async def _serve(settings: Settings) -> None:
         stop = _stop_on_signals()
         log.info("compter %s serving on http://%s with store %s", __version__, config.bind[0], redact(settings.store))
         try:
-            await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+            await hypercorn_serve(app, config, shutdown_trigger=stop.wait)
         except OSError as error:
             raise StartupError(f"cannot listen on {config.bind[0]}: {error.strerror or error}") from None
     finally:

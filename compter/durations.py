@@ -10,7 +10,7 @@ _DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 def parse_duration(value: object) -> float:
     """Seconds from a number or a string like "90s", "15m", "1h30m", "2d"; ValueError otherwise."""
     if isinstance(value, bool):
-        raise ValueError("a duration is a number of seconds or a string like \"90s\", \"1h30m\" or \"2d\"")
+        raise ValueError('a duration is a number of seconds or a string like "90s", "1h30m" or "2d"')
     if isinstance(value, int | float):
         seconds = float(value)
         if not math.isfinite(seconds):
@@ -19,5 +19,5 @@ def parse_duration(value: object) -> float:
     if isinstance(value, str):
         match = _DURATION.fullmatch(value.strip())
         if match and any(match.groups()):
-            return float(sum(int(n) * _UNITS_S[unit] for n, unit in zip(match.groups(), "dhms") if n))
-    raise ValueError(f"{value!r} is not a duration: use seconds (90) or a string like \"90s\", \"1h30m\" or \"2d\"")
+            return float(sum(int(n) * _UNITS_S[unit] for n, unit in zip(match.groups(), "dhms", strict=False) if n))
+    raise ValueError(f'{value!r} is not a duration: use seconds (90) or a string like "90s", "1h30m" or "2d"')

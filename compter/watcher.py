@@ -1,6 +1,7 @@
 """The deadline loop: sleeps until the earliest due time, then lets the service act."""
 
 import asyncio
+import contextlib
 import logging
 from datetime import datetime
 
@@ -56,10 +57,8 @@ class Watcher:
         if next_due is not None:
             until_due = max(0.0, (next_due - self._service.now()).total_seconds())
             timeout = until_due if timeout is None else min(timeout, until_due)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
-        except TimeoutError:
-            pass
 
     def _consider(self, due: datetime) -> None:
         if self._wake_at is None or due < self._wake_at:

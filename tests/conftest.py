@@ -2,7 +2,7 @@
 
 import pytest
 from quart import Quart
-from quart.typing import TestClientProtocol
+from quart.typing import TestClientProtocol as Client
 
 from compter.app import create_app
 from compter.service import Service
@@ -36,5 +36,5 @@ def app(service: Service, telemetry: RecordingTelemetry) -> Quart:
 
 
 @pytest.fixture
-def client(app: Quart) -> TestClientProtocol:
+def client(app: Quart) -> Client:
     return app.test_client()

@@ -45,5 +45,3 @@ class RecordingTelemetry:
 
     def kinds(self) -> list[str]:
         return [event.kind.value for event in self.events]
-
-

@@ -20,7 +20,9 @@ def test_parses(given: object, seconds: float) -> None:
     assert parse_duration(given) == seconds
 
 
-@pytest.mark.parametrize("given", ["", "90", "1.5h", "h", "1x", "30m1h", "-5s", True, None, [], float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    "given", ["", "90", "1.5h", "h", "1x", "30m1h", "-5s", True, None, [], float("nan"), float("inf")]
+)
 def test_rejects(given: object) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(given)

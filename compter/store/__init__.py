@@ -29,4 +29,4 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-__all__ = ["Store", "store_from_url", "redact"]
+__all__ = ["Store", "redact", "store_from_url"]
