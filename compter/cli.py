@@ -68,6 +68,7 @@ async def _serve(settings: Settings) -> None:
         config.bind = [_bind_address(settings.host, settings.port)]
         config.graceful_timeout = GRACEFUL_TIMEOUT_S
         config.accesslog = None
+        config.errorlog = logging.getLogger("hypercorn.error")  # one format for all of Compter's log lines
         stop = _stop_on_signals()
         log.info("compter %s serving on http://%s with store %s", __version__, config.bind[0], redact(settings.store))
         try:
@@ -97,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         cli.main(args=argv, prog_name="compter", standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
+    except click.exceptions.NoArgsIsHelpError as error:
+        click.echo(error.ctx.get_help() if error.ctx else error.format_message())
     except click.ClickException as error:
         click.echo(f"compter: error: {error.format_message()}", err=True)
         sys.exit(2)

@@ -1,0 +1,118 @@
+"""`compter serve` as a real process on a real port."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from compter import __version__
+from tests.realprocess import free_port, start_compter
+
+
+def compter(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("COMPTER_")}
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "compter", *args], capture_output=True, text=True, env=environment, timeout=30
+    )
+
+
+def poll_status(url: str, want: str, timeout_s: float) -> float:
+    started = time.monotonic()
+    while (status := httpx.get(url).json()["status"]) != want:
+        assert time.monotonic() - started < timeout_s, f"still {status} after {timeout_s} s"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_serves_a_debt_that_is_paid_goes_overdue_and_recovers_then_stops_on_sigterm() -> None:
+    with start_compter() as server:
+        created = httpx.post(f"{server.url}/debts", json={"name": "nightly", "interval": 1})
+        assert created.status_code == 201
+        debt_url = server.url + created.headers["Location"]
+        paid = httpx.post(debt_url)
+        assert (paid.status_code, paid.json()["payments"], paid.json()["status"]) == (200, 1, "ok")
+        # No request arrives until the watcher must have noticed (deadline 1 s after the payment).
+        poll_status(debt_url, "overdue", timeout_s=2.5)
+        recovered = httpx.post(debt_url)
+        assert (recovered.status_code, recovered.json()["status"], recovered.json()["payments"]) == (200, "ok", 2)
+        assert server.stop(signal.SIGTERM) == 0
+        assert "Traceback" not in server.output()
+
+
+def test_sigint_stops_it_cleanly_too() -> None:
+    with start_compter() as server:
+        assert server.stop(signal.SIGINT) == 0
+
+
+def test_sigterm_lets_a_request_in_flight_finish() -> None:
+    with start_compter() as server:
+        body = b'{"interval": 60, "name": "in-flight"}'
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+            connection.sendall(
+                b"POST /debts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body[:10]
+            )
+            time.sleep(0.2)  # the request is being read when the signal arrives
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            connection.sendall(body[10:])
+            answer = connection.recv(65536).decode()
+        assert answer.startswith("HTTP/1.1 201")
+        assert '"in-flight"' in answer
+        assert server.process.wait(15) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{server.url}/healthz")
+
+
+def test_environment_configures_it_and_flags_win() -> None:
+    port = free_port()
+    with start_compter(env={"COMPTER_PORT": "not-a-port", "COMPTER_HOST": "127.0.0.1"}, port=port) as server:
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "mentions"),
+    [
+        (["serve", "--port", "abc"], {}, "--port"),
+        (["serve", "--port", "70000"], {}, "--port"),
+        (["serve"], {"COMPTER_PORT": "eighty"}, "COMPTER_PORT"),
+        (["serve", "--store", "mysql://db"], {}, "mysql://db"),
+        (["serve", "--store", "nonsense"], {}, "nonsense"),
+        (["serve"], {"COMPTER_STORE": "ftp://x"}, "ftp://x"),
+        (["serve", "--bogus"], {}, "--bogus"),
+        (["frobnicate"], {}, "frobnicate"),
+    ],
+)
+def test_bad_settings_are_one_line_on_stderr_and_exit_2(args: list[str], env: dict[str, str], mentions: str) -> None:
+    result = compter(*args, env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert mentions in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_port_in_use_is_one_line_and_exit_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = compter("serve", "--port", str(taken.getsockname()[1]))
+    assert result.returncode == 2
+    assert "cannot listen" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_version_and_help() -> None:
+    version = compter("--version")
+    assert (version.returncode, version.stdout.strip()) == (0, f"compter, version {__version__}")
+    serve_help = compter("serve", "--help")
+    assert serve_help.returncode == 0
+    for flag in ("--host", "--port", "--store", "COMPTER_STORE"):
+        assert flag in serve_help.stdout

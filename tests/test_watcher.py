@@ -1,0 +1,99 @@
+"""The deadline watcher, on the real clock: it acts within a second and idles without work."""
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from compter.model import EventKind, PaymentRequest
+from compter.service import Service
+from compter.store.memory import MemoryStore
+from compter.watcher import Watcher
+from tests.fakes import RecordingTelemetry
+
+
+class CountingStore(MemoryStore):
+    """Counts how often the watcher asks for the next due time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next_due_calls = 0
+
+    async def next_due(self):  # type: ignore[no-untyped-def]
+        self.next_due_calls += 1
+        return await super().next_due()
+
+
+@pytest.fixture
+def real_time() -> tuple[Service, RecordingTelemetry, CountingStore]:
+    telemetry = RecordingTelemetry()
+    store = CountingStore()
+    return Service(store, telemetry), telemetry, store
+
+
+@contextlib.asynccontextmanager
+async def watching(service: Service) -> AsyncIterator[None]:
+    task = asyncio.create_task(Watcher(service).run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def wait_for_event(telemetry: RecordingTelemetry, kind: EventKind, timeout_s: float = 3) -> float:
+    """Seconds until an event of that kind was recorded."""
+    started = time.monotonic()
+    while not any(event.kind is kind for event in telemetry.events):
+        assert time.monotonic() - started < timeout_s, f"no {kind} event within {timeout_s} s"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+async def test_flips_a_missed_deadline_within_a_second_without_requests(
+    real_time: tuple[Service, RecordingTelemetry, CountingStore],
+) -> None:
+    service, telemetry, _ = real_time
+    async with watching(service):
+        debt = await service.create({"interval": 0.3})
+        await wait_for_event(telemetry, EventKind.OVERDUE)
+        overdue = next(event for event in telemetry.events if event.kind is EventKind.OVERDUE)
+        assert debt.deadline is not None
+        lateness_s = (overdue.at - debt.deadline).total_seconds()
+        assert 0 <= lateness_s < 1
+        assert (await service.get(debt.id)).overdue
+
+
+async def test_a_new_earlier_deadline_wakes_a_sleeping_watcher(
+    real_time: tuple[Service, RecordingTelemetry, CountingStore],
+) -> None:
+    service, telemetry, _ = real_time
+    await service.create({"interval": 3600})
+    async with watching(service):
+        await asyncio.sleep(0.05)  # let it go to sleep until the far deadline
+        await service.create({"interval": 0.2})
+        assert await wait_for_event(telemetry, EventKind.OVERDUE) < 1.2
+
+
+async def test_a_payment_in_time_prevents_the_overdue(
+    real_time: tuple[Service, RecordingTelemetry, CountingStore],
+) -> None:
+    service, telemetry, _ = real_time
+    async with watching(service):
+        debt = await service.create({"interval": 0.4})
+        for _ in range(4):
+            await asyncio.sleep(0.2)
+            await service.pay(debt.id, PaymentRequest({}))
+        assert EventKind.OVERDUE not in {event.kind for event in telemetry.events}
+        await wait_for_event(telemetry, EventKind.OVERDUE)
+
+
+async def test_idles_while_no_deadline_is_near(real_time: tuple[Service, RecordingTelemetry, CountingStore]) -> None:
+    service, _, store = real_time
+    await service.create({"interval": 3600})
+    async with watching(service):
+        await asyncio.sleep(0.5)
+    assert store.next_due_calls == 1
