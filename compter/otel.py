@@ -13,7 +13,7 @@ class Telemetry:
     def new_trace(self, traceparent: str | None) -> TraceContext:
         return TraceContext(secrets.token_hex(16), secrets.token_hex(8))
 
-    def track(self, debts: Iterable[Debt]) -> None:
+    def track(self, debts: Iterable[Debt] | None) -> None:
         pass
 
     def prometheus_text(self) -> tuple[bytes, str]:

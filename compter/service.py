@@ -1,6 +1,6 @@
 """The use cases, shared by the API and the watcher: load, decide, save, report."""
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -23,6 +23,13 @@ class Telemetry(Protocol):
 
     def new_trace(self, traceparent: str | None) -> TraceContext:
         """Ids for a new multi-stage debt's trace, joining the caller's trace if a traceparent is given."""
+
+    def track(self, debts: Iterable[Debt] | None) -> None:
+        """Report per-debt gauges for exactly these debts from now on (None: report none).
+
+        The watcher's lease holder calls it with every debt of the store when it takes
+        the lease and again every so often; `record` keeps the set current in between.
+        """
 
 
 class Service:

@@ -8,6 +8,9 @@ from compter.app import create_app
 from compter.service import Service
 from compter.store.memory import MemoryStore
 from tests.fakes import FakeClock, RecordingTelemetry
+from tests.stores import namespace, shared_store_url, store_url
+
+__all__ = ["namespace", "shared_store_url", "store_url"]  # fixtures for every test module
 
 
 @pytest.fixture

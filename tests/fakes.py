@@ -28,6 +28,7 @@ class RecordingTelemetry:
 
     def __init__(self) -> None:
         self.events: list[Event] = []
+        self.tracked: list[Debt] | None = None
         self._ids = itertools.count(1)
 
     def record(self, events: Sequence[Event]) -> None:
@@ -37,8 +38,8 @@ class RecordingTelemetry:
         n = next(self._ids)
         return TraceContext(f"{n:032x}", f"{n:016x}")
 
-    def track(self, debts: Iterable[Debt]) -> None:
-        pass
+    def track(self, debts: Iterable[Debt] | None) -> None:
+        self.tracked = None if debts is None else list(debts)
 
     def prometheus_text(self) -> tuple[bytes, str]:
         return b"# no metrics in this test\n", "text/plain; version=0.0.4; charset=utf-8"

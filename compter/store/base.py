@@ -15,6 +15,9 @@ side effects; an exception it raises aborts the update with nothing written.
 
 
 class Store(Protocol):
+    shared: bool
+    """Whether several processes may use the same store at once (a fleet)."""
+
     async def open(self) -> None:
         """Connect and create or migrate the schema; StoreUnavailable if it cannot."""
 
@@ -43,3 +46,10 @@ class Store(Protocol):
 
     async def next_due(self) -> datetime | None:
         """The earliest `due` time of any debt, or None."""
+
+    async def hold_lease(self, holder: str, ttl_s: float) -> bool:
+        """Take or renew the watcher's lease for `ttl_s`; True while `holder` has it.
+
+        One process of a fleet holds it at a time and watches deadlines for all;
+        another takes over once the holder has stopped renewing it for `ttl_s`.
+        """

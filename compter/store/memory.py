@@ -9,6 +9,8 @@ from compter.store.base import Decide
 
 
 class MemoryStore:
+    shared = False
+
     def __init__(self, url: str = "memory://") -> None:
         self._debts: dict[int, Debt] = {}
         # (due, id) pairs; an entry whose debt no longer has that due time is stale and skipped.
@@ -59,6 +61,9 @@ class MemoryStore:
     async def next_due(self) -> datetime | None:
         self._drop_stale()
         return self._due[0][0] if self._due else None
+
+    async def hold_lease(self, holder: str, ttl_s: float) -> bool:
+        return True
 
     def _write(self, debt_id: int, transition: Transition) -> None:
         stored = transition.stored
