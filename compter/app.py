@@ -2,14 +2,15 @@
 
 import asyncio
 import contextlib
+import hmac
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from quart import Quart, Response
+from quart import Quart, Response, request
 from quart_schema import QuartSchema
 
 from compter import __version__
-from compter.api import MAX_BODY_BYTES, debts, operations, register_errors
+from compter.api import MAX_BODY_BYTES, debts, error_response, operations, register_errors
 from compter.service import Service
 from compter.watcher import Watcher
 
@@ -24,9 +25,13 @@ def create_app(
     metrics: PrometheusSource,
     *,
     watch: bool = True,
-    watcher_max_sleep_s: float | None = None,
+    api_token: str | None = None,
 ) -> Quart:
-    """Build the app; with `watch`, a deadline watcher runs while it serves."""
+    """Build the app; with `watch`, a deadline watcher runs while it serves.
+
+    With an `api_token`, requests that change debts (POST, DELETE) must carry it as
+    `Authorization: Bearer <token>`; reading stays open, like /metrics.
+    """
     app = Quart("compter")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.extensions["compter.service"] = service
@@ -47,7 +52,9 @@ def create_app(
         return Response(body, content_type=content_type)
 
     if watch:
-        _run_while_serving(app, Watcher(service, watcher_max_sleep_s).run)
+        _run_while_serving(app, Watcher(service).run)
+    if api_token:
+        _require_token(app, api_token)
     return app
 
 
@@ -65,3 +72,17 @@ def _run_while_serving(app: Quart, task: Callable[[], Awaitable[None]]) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await pending
         running.clear()
+
+
+def _require_token(app: Quart, token: str) -> None:
+    expected = f"Bearer {token}".encode()
+
+    @app.before_request
+    async def check_token() -> Response | None:
+        if request.method not in ("POST", "DELETE"):
+            return None
+        if hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected):
+            return None
+        response = error_response(401, "this Compter needs `Authorization: Bearer <token>` to change debts")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response

@@ -2,10 +2,15 @@
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+from types import FrameType
 
 import click
 from hypercorn.asyncio import serve as hypercorn_serve
@@ -17,12 +22,13 @@ from compter.errors import StoreUnavailable
 from compter.otel import build_telemetry
 from compter.service import Service
 from compter.settings import Settings, SettingsError
-from compter.store import redact, store_from_url
+from compter.store import Store, redact, store_from_url
 
 log = logging.getLogger("compter")
 
 # How long in-flight requests may take to finish after SIGTERM.
 GRACEFUL_TIMEOUT_S = 10.0
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class StartupError(Exception):
@@ -39,49 +45,82 @@ def cli() -> None:
 @click.option("--host", help="Address to listen on [env COMPTER_HOST; default 127.0.0.1].")
 @click.option("--port", help="Port to listen on [env COMPTER_PORT; default 8080].")
 @click.option("--store", help="Store URL: memory://, sqlite:///path, postgresql://…, redis://… [env COMPTER_STORE].")
-def serve(host: str | None, port: str | None, store: str | None) -> None:
+@click.option(
+    "--workers", help="Processes sharing the port and the store (postgresql:// or redis:// only) [env COMPTER_WORKERS]."
+)
+def serve(host: str | None, port: str | None, store: str | None, workers: str | None) -> None:
     """Serve the API until SIGTERM or SIGINT."""
     try:
-        settings = Settings.load(os.environ, host=host, port=port, store=store)
+        settings = Settings.load(os.environ, host=host, port=port, store=store, workers=workers)
     except SettingsError as error:
         raise click.UsageError(str(error)) from None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
-        asyncio.run(_serve(settings))
+        if settings.workers == 1:
+            asyncio.run(_serve(settings, _listen(settings)))
+        else:
+            asyncio.run(_check_store(settings))
+            sys.exit(_supervise(settings, _listen(settings)))
     except StartupError as error:
         raise click.UsageError(str(error)) from None
 
 
-async def _serve(settings: Settings) -> None:
+def _open_store(settings: Settings) -> Store:
     try:
-        store = store_from_url(settings.store)
+        return store_from_url(settings.store)
     except ValueError as error:
         raise StartupError(str(error)) from None
+
+
+async def _start_store(settings: Settings) -> Store:
+    store = _open_store(settings)
     try:
         await store.open()
     except StoreUnavailable as error:
         raise StartupError(f"cannot open the store {redact(settings.store)}: {error}") from None
+    return store
+
+
+async def _check_store(settings: Settings) -> None:
+    """Refuse --workers on a store that only one process may use, and an unreachable store, before forking."""
+    if not _open_store(settings).shared:
+        raise StartupError(
+            f"--workers {settings.workers} needs a store several processes can share "
+            f"(postgresql:// or redis://), not {redact(settings.store)}"
+        )
+    await (await _start_store(settings)).close()
+
+
+def _listen(settings: Settings) -> socket.socket:
+    """Bind the port once, here, so that every worker accepts on the same socket."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    try:
+        listener = socket.create_server((settings.host, settings.port), family=family, backlog=1024)
+    except OSError as error:
+        raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {error.strerror or error}") from None
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    listener.set_inheritable(True)
+    return listener
+
+
+async def _serve(settings: Settings, listener: socket.socket) -> None:
+    store = await _start_store(settings)
     telemetry = build_telemetry(os.environ, max_debts=settings.metrics_max_debts)
     try:
-        app = create_app(Service(store, telemetry), telemetry)
+        app = create_app(Service(store, telemetry), telemetry, api_token=settings.api_token)
         config = Config()
-        config.bind = [_bind_address(settings.host, settings.port)]
+        config.bind = [f"fd://{listener.fileno()}"]
         config.graceful_timeout = GRACEFUL_TIMEOUT_S
         config.accesslog = None
         config.errorlog = logging.getLogger("hypercorn.error")  # one format for all of Compter's log lines
         stop = _stop_on_signals()
-        log.info("compter %s serving on http://%s with store %s", __version__, config.bind[0], redact(settings.store))
-        try:
-            await hypercorn_serve(app, config, shutdown_trigger=stop.wait)
-        except OSError as error:
-            raise StartupError(f"cannot listen on {config.bind[0]}: {error.strerror or error}") from None
+        host, port = listener.getsockname()[:2]
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        log.info("compter %s serving on http://%s with store %s", __version__, address, redact(settings.store))
+        await hypercorn_serve(app, config, shutdown_trigger=stop.wait)
     finally:
         await store.close()
         telemetry.shutdown()
-
-
-def _bind_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -90,6 +129,45 @@ def _stop_on_signals() -> asyncio.Event:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     return stop
+
+
+def _worker(settings: Settings, listener: socket.socket) -> None:
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    try:
+        asyncio.run(_serve(settings, listener))
+    except StartupError as error:
+        log.error("%s", error)
+        sys.exit(2)
+
+
+def _supervise(settings: Settings, listener: socket.socket) -> int:
+    """Run `settings.workers` serving processes; stop them all on a signal or when one dies."""
+    context = multiprocessing.get_context("spawn")
+    workers: list[BaseProcess] = []
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for worker in workers:
+            if worker.is_alive() and worker.pid is not None:
+                os.kill(worker.pid, signal.SIGTERM)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    for _ in range(settings.workers):
+        worker = context.Process(target=_worker, args=(settings, listener), daemon=True)
+        worker.start()
+        workers.append(worker)
+    log.info("compter supervising %d workers (pids %s)", len(workers), ", ".join(str(w.pid) for w in workers))
+    while any(worker.is_alive() for worker in workers):
+        wait([worker.sentinel for worker in workers if worker.is_alive()])
+        failed = [worker for worker in workers if worker.exitcode not in (None, 0)]
+        if failed and not stopping:
+            log.error("worker %s exited with %s: stopping the others", failed[0].pid, failed[0].exitcode)
+            stop(signal.SIGTERM, None)
+    listener.close()
+    return max((abs(worker.exitcode or 0) for worker in workers), default=0)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

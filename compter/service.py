@@ -1,6 +1,6 @@
 """The use cases, shared by the API and the watcher: load, decide, save, report."""
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -68,14 +68,19 @@ class Service:
             return await self.store.page(after=after, limit=limit)
         now = self._clock()
         found: list[Debt] = []
-        page_size = max(limit or 0, 500)
-        while limit is None or len(found) < limit:
-            page = await self.store.page(after=after, limit=page_size)
+        async for page in self._pages(after, max(limit or 0, 500)):
             found.extend(debt for debt in page if debt.status(now) is status)
-            if len(page) < page_size:
+            if limit is not None and len(found) >= limit:
                 break
-            after = page[-1].id
         return found[:limit]
+
+    async def all_debts(self, page_size: int = 1000) -> list[Debt]:
+        """Every debt, read page by page so that no single store call is huge."""
+        return [debt async for page in self._pages(0, page_size) for debt in page]
+
+    def report_gauges(self, debts: Iterable[Debt] | None) -> None:
+        """Report per-debt gauges for these debts (the watcher's lease holder), or none."""
+        self._telemetry.track(debts)
 
     async def delete(self, debt_id: int) -> None:
         now = self._clock()
@@ -91,6 +96,13 @@ class Service:
                 self._report(transition)
                 changed += 1
         return changed
+
+    async def _pages(self, after: int, page_size: int) -> AsyncIterator[list[Debt]]:
+        while page := await self.store.page(after=after, limit=page_size):
+            yield page
+            if len(page) < page_size:
+                return
+            after = page[-1].id
 
     def now(self) -> datetime:
         return self._clock()

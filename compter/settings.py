@@ -1,7 +1,7 @@
 """Compter's own settings, from flags and COMPTER_* variables, in one frozen object."""
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class SettingsError(ValueError):
@@ -15,6 +15,8 @@ class Settings:
     store: str = "memory://"
     workers: int = 1
     metrics_max_debts: int = 10_000
+    # From the environment only: a secret on the command line shows in `ps`.
+    api_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, environ: Mapping[str, str], **flags: object) -> "Settings":
@@ -36,6 +38,7 @@ class Settings:
             store=str(store),
             workers=_integer(*pick("workers", defaults.workers), low=1, high=64),
             metrics_max_debts=_integer(*pick("metrics_max_debts", defaults.metrics_max_debts), low=0, high=10**7),
+            api_token=environ.get("COMPTER_API_TOKEN") or None,
         )
 
 

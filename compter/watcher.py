@@ -1,8 +1,17 @@
-"""The deadline loop: sleeps until the earliest due time, then lets the service act."""
+"""The deadline loop: sleeps until the earliest due time, then lets the service act.
+
+In a fleet sharing one store, only the process holding the store's lease watches
+deadlines and reports the fleet-wide gauges; the others stand by and take over
+within `lease_ttl_s` + `poll_s` when the holder stops renewing it.
+"""
 
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import time
+import uuid
 from datetime import datetime
 
 from compter.errors import StoreUnavailable
@@ -10,50 +19,98 @@ from compter.service import Service
 
 log = logging.getLogger(__name__)
 
+LEASE_TTL_S = 3.0
+# How often a shared store is polled for due times set by other processes and the lease renewed.
+POLL_S = 0.5
+# How often the lease holder of a shared store reloads every debt for the gauges.
+GAUGE_REFRESH_S = 10.0
+
+
+def holder_name() -> str:
+    """Who holds the lease, as an operator reading the store would want to know."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
 
 class Watcher:
-    """Acts on passed deadlines within `max_sleep_s` plus the time a sweep takes.
+    """Acts on passed deadlines within `poll_s` plus the time a sweep takes.
 
     It sleeps until the earliest due time the store reports, and is woken early
-    when the service gives a debt an earlier one. `max_sleep_s` bounds the sleep
-    so that due times written by other processes sharing the store are seen too.
+    when this process gives a debt an earlier one. On a shared store it sleeps at
+    most `poll_s`, so that due times written by other processes are seen too.
     """
 
-    def __init__(self, service: Service, max_sleep_s: float | None = None, batch: int = 100) -> None:
+    def __init__(
+        self,
+        service: Service,
+        *,
+        holder: str | None = None,
+        lease_ttl_s: float = LEASE_TTL_S,
+        poll_s: float = POLL_S,
+        gauge_refresh_s: float = GAUGE_REFRESH_S,
+        batch: int = 100,
+    ) -> None:
         self._service = service
-        self._max_sleep_s = max_sleep_s
+        self._shared = service.store.shared
+        self._holder = holder or holder_name()
+        self._lease_ttl_s = lease_ttl_s
+        self._poll_s = poll_s
+        self._gauge_refresh_s = gauge_refresh_s
         self._batch = batch
+        self._holding = False
+        self._gauges_loaded_at = -float("inf")
         self._wake = asyncio.Event()
         self._wake_at: datetime | None = None
         service.on_due(self._consider)
 
-    async def run(self) -> None:
-        while True:
-            # Cleared before the sweep, so a due time given while it runs still wakes the next sleep.
-            self._wake.clear()
-            self._wake_at = None
-            try:
-                await self._sweep_all()
-                next_due = await self._service.store.next_due()
-            except StoreUnavailable as error:
-                log.warning("watcher: %s; retrying in 1 s", error)
-                await asyncio.sleep(1)
-                continue
-            except Exception:
-                log.exception("watcher: unexpected error; retrying in 1 s")
-                await asyncio.sleep(1)
-                continue
-            await self._sleep_until(next_due)
+    @property
+    def holding(self) -> bool:
+        """Whether this process watches the deadlines (and reports the gauges) of the store."""
+        return self._holding
 
-    async def _sweep_all(self) -> None:
+    async def run(self) -> None:
+        try:
+            while True:
+                # Cleared before the sweep, so a due time given while it runs still wakes the next sleep.
+                self._wake.clear()
+                self._wake_at = None
+                try:
+                    next_due = await self._watch_once()
+                except StoreUnavailable as error:
+                    log.warning("watcher: %s; retrying in 1 s", error)
+                    await asyncio.sleep(1)
+                    continue
+                except Exception:
+                    log.exception("watcher: unexpected error; retrying in 1 s")
+                    await asyncio.sleep(1)
+                    continue
+                await self._sleep_until(next_due)
+        finally:
+            if self._holding:
+                self._service.report_gauges(None)
+
+    async def _watch_once(self) -> datetime | None:
+        """Renew the lease, act on what is due; the next due time, if this process watches."""
+        holding = await self._service.store.hold_lease(self._holder, self._lease_ttl_s)
+        if holding != self._holding:
+            self._holding = holding
+            log.info("watcher: %s the store's lease as %s", "took" if holding else "lost", self._holder)
+            if not holding:
+                self._service.report_gauges(None)
+                self._gauges_loaded_at = -float("inf")
+        if not holding:
+            return None
+        if time.monotonic() - self._gauges_loaded_at >= (self._gauge_refresh_s if self._shared else float("inf")):
+            self._service.report_gauges(await self._service.all_debts())
+            self._gauges_loaded_at = time.monotonic()
         while await self._service.sweep(self._batch) >= self._batch:
             pass
+        return await self._service.store.next_due()
 
     async def _sleep_until(self, next_due: datetime | None) -> None:
         if self._wake.is_set():
             return
         self._wake_at = next_due
-        timeout = self._max_sleep_s
+        timeout = self._poll_s if self._shared or not self._holding else None
         if next_due is not None:
             until_due = max(0.0, (next_due - self._service.now()).total_seconds())
             timeout = until_due if timeout is None else min(timeout, until_due)

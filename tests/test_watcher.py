@@ -3,7 +3,7 @@
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -97,3 +97,76 @@ async def test_idles_while_no_deadline_is_near(real_time: tuple[Service, Recordi
     async with watching(service):
         await asyncio.sleep(0.5)
     assert store.next_due_calls == 1
+
+
+class LeasedStore(MemoryStore):
+    """A store shared with an imaginary fleet: the lease goes to whoever the test says."""
+
+    shared = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lease_holder: str | None = None
+
+    async def hold_lease(self, holder: str, ttl_s: float) -> bool:
+        if self.lease_holder is None:
+            self.lease_holder = holder
+        return self.lease_holder == holder
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 3) -> None:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"not true within {timeout_s} s"
+        await asyncio.sleep(0.01)
+
+
+async def test_only_the_lease_holder_acts_and_reports_gauges() -> None:
+    telemetry = RecordingTelemetry()
+    store = LeasedStore()
+    store.lease_holder = "another process"
+    service = Service(store, telemetry)
+    debt = await service.create({"interval": 0.1})
+    watcher = Watcher(service, holder="this process", poll_s=0.05)
+    task = asyncio.create_task(watcher.run())
+    try:
+        await asyncio.sleep(0.4)
+        assert not watcher.holding
+        assert telemetry.tracked is None
+        assert EventKind.OVERDUE not in telemetry.kinds()
+
+        store.lease_holder = None  # the holder died and its lease expired
+        await wait_for_event(telemetry, EventKind.OVERDUE, timeout_s=1)
+        assert watcher.holding
+        assert telemetry.tracked is not None
+        assert [tracked.id for tracked in telemetry.tracked] == [debt.id]
+
+        store.lease_holder = "another process"  # it lost the lease (a long pause, say)
+        await wait_until(lambda: not watcher.holding)
+        assert telemetry.tracked is None
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_shared_store_is_polled_for_due_times_set_by_other_processes() -> None:
+    telemetry = RecordingTelemetry()
+    store = LeasedStore()
+    service = Service(store, telemetry)
+    other_process = Service(store, RecordingTelemetry())  # its due times do not wake this watcher
+    async with watching(service):
+        await asyncio.sleep(0.05)
+        await other_process.create({"interval": 0.2})
+        assert await wait_for_event(telemetry, EventKind.OVERDUE) < 1.0
+
+
+async def test_the_holder_of_a_single_process_store_reports_every_debt_at_start(
+    real_time: tuple[Service, RecordingTelemetry, CountingStore],
+) -> None:
+    service, telemetry, _ = real_time
+    created = [await service.create({"interval": 3600}) for _ in range(3)]
+    async with watching(service):
+        await wait_until(lambda: telemetry.tracked is not None)
+        assert [debt.id for debt in telemetry.tracked or []] == [debt.id for debt in created]
+    assert telemetry.tracked is None
