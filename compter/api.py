@@ -6,7 +6,16 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+)
 from quart import Blueprint, Quart, Response, current_app, request
 from quart_schema import document_querystring, document_request, document_response
 from werkzeug.exceptions import HTTPException
@@ -32,6 +41,15 @@ Grace = Annotated[Seconds, Field(ge=0, le=model.YEAR_S, description='seconds, or
 StageName = Annotated[StrictStr, Field(pattern=model.STAGE_NAME.pattern)]
 
 
+def _distinct(stages: list[str]) -> list[str]:
+    if len(set(stages)) != len(stages):
+        raise ValueError("names each stage once")
+    return stages
+
+
+Stages = Annotated[list[StageName], Field(max_length=model.MAX_STAGES), AfterValidator(_distinct)]
+
+
 class Definition(BaseModel):
     """What a debt is: the fields a create or a payment may set."""
 
@@ -41,17 +59,13 @@ class Definition(BaseModel):
     interval: Interval | None = Field(None, description="a recurring debt: at least one payment every interval")
     grace: Grace = 0.0
     timeout: Interval | None = Field(None, description="a multi-stage debt: paid off within timeout of created")
-    stages: Annotated[list[StageName], Field(max_length=model.MAX_STAGES)] | None = None
+    stages: Stages | None = Field(None, description="the named payments a multi-stage debt expects, in order")
 
     def changes(self) -> dict[str, object]:
         """The fields the client sent, ready for the domain."""
         sent = {field: getattr(self, field) for field in self.model_fields_set & model.DEFINITION_FIELDS}
         if sent.get("stages") is not None:
-            if len(set(sent["stages"])) != len(sent["stages"]):
-                raise Invalid("`stages` names each stage once")
             sent["stages"] = tuple(sent["stages"])
-        if sent.get("interval") is not None and sent.get("timeout") is not None:
-            raise Invalid("a debt has at most one of `interval` and `timeout`")
         return sent
 
 
@@ -61,7 +75,9 @@ class PaymentBody(Definition):
 
 
 class PaymentQuery(BaseModel):
-    payment: str | None = None
+    """The query form of a payment, for a bare `curl -X POST`."""
+
+    payment: StageName | None = None
     payoff: Literal["true", "false"] | None = None
 
 
@@ -238,12 +254,13 @@ async def pay_debt(debt_id: str) -> Response:
     if request.args:
         query = _query(PaymentQuery)
         if query.payment is not None:
-            if not model.STAGE_NAME.fullmatch(query.payment):
-                raise Invalid(f"payment name {query.payment!r} must match {model.STAGE_NAME.pattern}")
             if payment is not None and payment != query.payment:
                 raise Invalid("the query and the body name different payments")
             payment = query.payment
-        payoff = payoff or query.payoff == "true"
+        if query.payoff is not None:
+            if "payoff" in body.model_fields_set and payoff != (query.payoff == "true"):
+                raise Invalid("the query and the body disagree on `payoff`")
+            payoff = query.payoff == "true"
     definition = body.changes()
     service = _service()
     debt, vivified = await service.pay(
