@@ -23,7 +23,7 @@ LEASE_TTL_S = 3.0
 # How often a shared store is polled for due times set by other processes and the lease renewed.
 POLL_S = 0.5
 # How often the lease holder of a shared store reloads every debt for the gauges.
-GAUGE_REFRESH_S = 10.0
+GAUGE_REFRESH_S = 5.0
 
 
 def holder_name() -> str:
