@@ -244,14 +244,27 @@ async def test_bad_create_bodies_are_400_and_create_nothing(client: Client, body
 
 
 @pytest.mark.parametrize(
-    ("body", "mentions"), [*BAD_BODIES, ({"payoff": "yes"}, "payoff"), ({"payment": "a b"}, "payment")]
+    ("body", "mentions"),
+    [
+        *BAD_BODIES,
+        ({"payoff": "yes"}, "payoff"),
+        ({"payoff": 1}, "payoff"),
+        ({"payoff": None}, "payoff"),
+        ({"payment": "a b"}, "payment"),
+        ({"payment": ""}, "payment"),
+        ({"payment": "x" * 65}, "payment"),
+        ({"payment": ["build"]}, "payment"),
+    ],
 )
-async def test_bad_payment_bodies_are_400_and_change_nothing(client: Client, body: object, mentions: str) -> None:
+async def test_bad_payment_bodies_are_400_and_change_nothing(
+    client: Client, telemetry: RecordingTelemetry, body: object, mentions: str
+) -> None:
     debt = await create(client, {"name": "keep", "interval": 60})
     status, answer, _ = await call(client, "POST", f"/debts/{debt['id']}", body)
     assert status == 400
     assert mentions in answer["error"]
     assert (await call(client, "GET", f"/debts/{debt['id']}"))[1] == debt
+    assert telemetry.kinds() == ["created"]
 
 
 async def test_bad_vivifying_payment_creates_nothing(client: Client) -> None:
@@ -272,14 +285,25 @@ async def test_bad_list_queries_are_400(client: Client, query: str, mentions: st
 
 @pytest.mark.parametrize(
     ("query", "mentions"),
-    [("payoff=maybe", "payoff"), ("payment=a%20b", "payment"), ("paymnet=x", "paymnet")],
+    [
+        ("payoff=maybe", "payoff"),
+        ("payoff=1", "payoff"),
+        ("payment=a%20b", "payment"),
+        ("payment=", "payment"),
+        (f"payment={'x' * 65}", "payment"),
+        ("payment=a/b", "payment"),
+        ("paymnet=x", "paymnet"),
+    ],
 )
-async def test_bad_payment_queries_are_400(client: Client, query: str, mentions: str) -> None:
+async def test_bad_payment_queries_are_400_and_change_nothing(
+    client: Client, telemetry: RecordingTelemetry, query: str, mentions: str
+) -> None:
     debt = await create(client, {"timeout": 60})
     status, answer, _ = await call(client, "POST", f"/debts/{debt['id']}?{query}")
     assert status == 400
     assert mentions in answer["error"]
     assert (await call(client, "GET", f"/debts/{debt['id']}"))[1] == debt
+    assert telemetry.kinds() == ["created"]
 
 
 async def test_body_over_64_kib_is_413(client: Client) -> None:
