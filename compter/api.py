@@ -179,6 +179,9 @@ def _query(model_class: type[M]) -> M:
         raise Invalid(
             f"unknown query parameter(s): {', '.join(sorted(unknown))}; allowed: {', '.join(model_class.model_fields)}"
         )
+    repeated = sorted(key for key, values in request.args.lists() if len(values) > 1)
+    if repeated:
+        raise Invalid(f"query parameter(s) given more than once: {', '.join(repeated)}")
     return model_class.model_validate(request.args.to_dict())
 
 

@@ -171,6 +171,8 @@ BAD_STAGE_REQUESTS: list[tuple[dict[str, Any], str, object, str]] = [
     (DEPLOY, "/debts/1?payoff=TRUE", None, "payoff"),
     (DEPLOY, "/debts/1?payoff=false", {"payoff": True}, "disagree"),
     (DEPLOY, "/debts/1?payof=true", None, "payof"),
+    (DEPLOY, "/debts/1?payment=build&payment=test", None, "more than once: payment"),
+    (DEPLOY, "/debts/1?payoff=true&payoff=false", None, "more than once: payoff"),
     (DEPLOY, "/debts/1", {"stages": ["ok", "not ok"]}, "stages"),
     (DEPLOY, "/debts/1", {"stages": ["a", "a"]}, "names each stage once"),
     (DEPLOY, "/debts/1", {"stages": [f"s{i}" for i in range(101)]}, "stages"),
