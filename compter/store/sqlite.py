@@ -60,6 +60,9 @@ class SQLiteStore:
             self._connection = await asyncio.get_running_loop().run_in_executor(self._thread, self._connect)
         except sqlite3.Error as error:
             raise StoreUnavailable(f"cannot open the SQLite database {self.path}: {error}") from None
+        finally:
+            if self._connection is None:  # nothing to serve: let the thread go
+                self._thread.shutdown()
 
     async def close(self) -> None:
         if self._connection is not None:
