@@ -326,3 +326,18 @@ def test_payoff_and_timeout_exclude_each_other() -> None:
     timed_out = model.time_out(deploy(), at_deadline)
     with pytest.raises(NotFound):
         model.pay(timed_out.stored, 1, PaymentRequest({}, payoff=True), at_deadline, None)
+
+
+def test_a_payment_changing_the_timeout_moves_the_deadline_from_created() -> None:
+    later = T0 + 60 * SECOND
+    longer = model.pay(deploy(), 1, PaymentRequest({"timeout": 1800.0}), later, None).answer
+    assert longer is not None
+    assert (longer.deadline, longer.status(later)) == (T0 + 1800 * SECOND, Status.OPEN)
+    shorter = model.pay(deploy(), 1, PaymentRequest({"timeout": 30.0}), later, None)
+    assert shorter.stored is not None
+    assert shorter.stored.due == T0 + 30 * SECOND  # already passed: the watcher's next sweep times it out
+    assert kinds(model.act_on_deadline(shorter.stored, later)) == [EventKind.TIMED_OUT]
+
+
+def test_grace_does_not_extend_a_timeout() -> None:
+    assert debt(timeout=60, grace=30).deadline == T0 + 60 * SECOND
