@@ -32,9 +32,9 @@ from compter.store.codec import decode, due_timestamp, encode
 
 DEFAULT_PREFIX = "compter:"
 # Connect and read timeouts: a request answers 503 within seconds when Redis hangs (the URL may override them).
-TIMEOUT_S = 3.0
+TIMEOUT_S = 2.0
 # How long an update waits behind this process's other updates of the same debt before giving up.
-LOCK_WAIT_S = 5.0
+LOCK_WAIT_S = 3.0
 _ID_WIDTH = len(str(MAX_ID))
 _BATCH = 1000
 
