@@ -180,6 +180,19 @@ async def test_tables_live_in_the_schema_the_url_names_created_if_missing(pg_url
     assert (row["id"], row["due"], row["payments"]) == (5, T0 + timedelta(seconds=30), "1")
 
 
+async def test_a_user_that_may_only_use_its_own_schema_is_enough(pg_url: str, namespace: str) -> None:
+    role = f"{namespace}_owner"
+    await sql(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        await sql(f'CREATE SCHEMA "{namespace}" AUTHORIZATION "{role}"')
+        async with opened(pg_url.replace("postgres@", f"{role}@", 1)) as store:
+            await vivify(store, 3)
+            assert [debt.id for debt in await store.page()] == [3]
+    finally:
+        await sql(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE')
+        await sql(f'DROP ROLE "{role}"')
+
+
 async def test_other_url_options_reach_the_driver(pg_url: str, namespace: str) -> None:
     async with opened(f"{pg_url}&application_name=compter-{namespace}"):
         rows = await sql("SELECT 1 FROM pg_stat_activity WHERE application_name = $1", f"compter-{namespace}")

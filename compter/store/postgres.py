@@ -110,6 +110,7 @@ class PostgresStore:
                 max_size=POOL_MAX_SIZE,
                 timeout=CONNECT_TIMEOUT_S,
                 command_timeout=OPERATION_TIMEOUT_S,
+                reset=_nothing_to_reset,
             )
         try:
             async with self._connection() as connection, connection.transaction():
@@ -203,8 +204,10 @@ class PostgresStore:
         """Create or upgrade the schema; a lock keeps processes starting together from racing."""
         s = _quote_identifier(self.schema)
         await connection.execute("SELECT pg_advisory_xact_lock(hashtext('compter:' || $1))", self.schema)
+        # Looked up first: CREATE SCHEMA IF NOT EXISTS needs the right to create schemas even when it exists.
+        if not await connection.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", self.schema):
+            await connection.execute(f"CREATE SCHEMA {s}")
         await connection.execute(
-            f"CREATE SCHEMA IF NOT EXISTS {s};"
             f"CREATE TABLE IF NOT EXISTS {s}.compter_meta (key text PRIMARY KEY, value text NOT NULL)"
         )
         found = await connection.fetchval(f"SELECT value FROM {s}.compter_meta WHERE key = 'schema_version'")
@@ -248,6 +251,10 @@ class PostgresStore:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+
+async def _nothing_to_reset(connection: asyncpg.Connection[asyncpg.Record]) -> None:
+    """Save the reset query on every release: Compter leaves no session state (settings, locks, LISTEN)."""
 
 
 def _quote_identifier(name: str) -> str:
