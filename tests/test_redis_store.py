@@ -181,6 +181,13 @@ async def test_ids_keep_their_exact_order_past_2_to_the_53(store: RedisStore) ->
     assert await create(store) == 1
 
 
+@pytest.mark.parametrize(("query", "named"), [("prefx=typo:", "prefx"), ("socket_timeout=soon", "socket_timeout")])
+def test_a_misspelt_or_bad_url_option_is_a_value_error_that_names_it(query: str, named: str) -> None:
+    with pytest.raises(ValueError, match=named) as raised:
+        RedisStore(f"redis://:s3cret-pw@127.0.0.1:1/0?{query}")
+    assert "s3cret-pw" not in str(raised.value)
+
+
 # --- passwords ----------------------------------------------------------------------------------------
 
 

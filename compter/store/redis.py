@@ -87,12 +87,18 @@ class RedisStore:
         driver_url = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in options if k != "prefix"])))
         # No automatic retries: resending a write whose answer was lost could apply it twice.
         # A pooled connection that died with the server is replaced when it is next taken.
-        self._redis = Redis.from_url(
-            driver_url,
-            socket_timeout=TIMEOUT_S,
-            socket_connect_timeout=TIMEOUT_S,
-            retry=Retry(NoBackoff(), 0),
-        )
+        try:
+            self._redis = Redis.from_url(
+                driver_url,
+                socket_timeout=TIMEOUT_S,
+                socket_connect_timeout=TIMEOUT_S,
+                retry=Retry(NoBackoff(), 0),
+            )
+            # Builds, without connecting, what every connection will be: a misspelt option fails here.
+            pool = self._redis.connection_pool
+            pool.connection_class(**pool.connection_kwargs)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"cannot use the redis store URL {redact(url)}: {error}") from None
         self._debt_prefix = f"{prefix}debt:"
         self._due_key = f"{prefix}due"
         self._ids_key = f"{prefix}ids"
