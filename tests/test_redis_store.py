@@ -177,6 +177,7 @@ async def test_ids_keep_their_exact_order_past_2_to_the_53(store: RedisStore) ->
     assert [debt.id for debt in await store.page()] == sorted(ids)
     assert [debt.id for debt in await store.page(after=2**53, limit=2)] == [2**53 + 1, 2**53 + 2]
     assert [debt.id for debt in await store.page(after=MAX_ID - 1)] == [MAX_ID]
+    assert await store.page(after=10**20) == []
     # The id counter is at the top: a new debt takes the lowest free id.
     assert await create(store) == 1
 

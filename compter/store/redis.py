@@ -219,7 +219,9 @@ class RedisStore:
 
     async def _ids_after(self, after: int, count: int) -> list[int]:
         with self._errors():
-            members = await self._redis.zrangebylex(self._ids_key, f"({_padded(after)}", "+", start=0, num=count)
+            # Past MAX_ID a padded id would grow a digit and sort wrong; nothing lies past it anyway.
+            start = f"({_padded(min(after, MAX_ID))}"
+            members = await self._redis.zrangebylex(self._ids_key, start, "+", start=0, num=count)
         return [int(member) for member in members]
 
     async def _load(self, ids: list[int]) -> list[Debt]:
