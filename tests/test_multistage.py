@@ -1,7 +1,6 @@
 """Multi-stage debts end to end: the API, the watcher's timeout, the payoff-vs-timeout race, a real process."""
 
 import asyncio
-import contextlib
 import random
 import time
 from datetime import datetime, timedelta
@@ -16,10 +15,10 @@ from compter.model import EventKind, PaymentRequest
 from compter.service import Service
 from compter.store import store_from_url
 from compter.store.memory import MemoryStore
-from compter.watcher import Watcher
 from tests.fakes import T0, FakeClock, RecordingTelemetry
 from tests.realprocess import start_compter
 from tests.test_api import DEBT_KEYS, call, create
+from tests.test_watcher import wait_for_event, watching
 
 DEPLOY = {"name": "deploy-web", "timeout": "15m", "stages": ["build", "test", "deploy"]}
 FINAL_KINDS = {EventKind.PAID_OFF, EventKind.TIMED_OUT}
@@ -290,27 +289,13 @@ async def test_a_payoff_racing_the_timeout_has_exactly_one_outcome(store_url: st
         await store.close()
 
 
-@contextlib.asynccontextmanager
-async def watching(service: Service) -> Any:
-    task = asyncio.create_task(Watcher(service).run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 async def test_the_watcher_times_out_within_a_second_without_requests() -> None:
     telemetry = RecordingTelemetry()
     service = Service(MemoryStore(), telemetry)
     async with watching(service):
         debt = await service.create({"timeout": 0.3, "stages": ("build", "test")})
         await service.pay(debt.id, PaymentRequest({}, payment="build"))
-        started = time.monotonic()
-        while not any(event.kind is EventKind.TIMED_OUT for event in telemetry.events):
-            assert time.monotonic() - started < 5, "no timeout within 5 s"
-            await asyncio.sleep(0.01)
+        await wait_for_event(telemetry, EventKind.TIMED_OUT)
     timed_out = telemetry.events[-1]
     assert debt.deadline is not None
     assert timed_out.kind is EventKind.TIMED_OUT
