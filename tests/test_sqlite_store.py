@@ -104,3 +104,22 @@ async def test_a_file_locked_by_another_process_is_unavailable_then_recovers(tmp
     assert await store.get(debt_id) == paid.answer
     assert paid.answer.payments == 1
     await store.close()
+
+
+async def test_the_watcher_reads_due_debts_from_the_index_not_a_scan(tmp_path: Path) -> None:
+    store = SQLiteStore(f"sqlite:///{tmp_path}/c.db")
+    await store.open()
+    statements: list[str] = []
+    await store._call(lambda connection: connection.set_trace_callback(statements.append))
+    await store.due(T0, 10)
+    await store.next_due()
+    await store._call(lambda connection: connection.set_trace_callback(None))
+    plans = await store._call(
+        lambda connection: [connection.execute(f"EXPLAIN QUERY PLAN {sql}").fetchall() for sql in statements]
+    )
+    await store.close()
+    assert len(plans) == 2
+    for statement, plan in zip(statements, plans, strict=True):
+        details = [row[-1] for row in plan]
+        assert any("INDEX debts_due" in detail for detail in details), (statement, details)
+        assert not any(detail.startswith("SCAN") for detail in details), (statement, details)
