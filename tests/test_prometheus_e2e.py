@@ -15,7 +15,7 @@ import httpx
 import yaml
 
 from tests.realprocess import RunningCompter, free_port, start_compter
-from tests.test_deploy import DEPLOY, require_tool
+from tests.test_deploy import DEPLOY, dashboard_panels, require_tool
 
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 # Generous for a loaded machine: Compter flags a debt within 1 s, Prometheus adds a scrape and an evaluation.
@@ -59,13 +59,15 @@ class Prometheus:
 
 
 @contextlib.contextmanager
-def start_prometheus(compter: RunningCompter, workdir: Path) -> Iterator[Prometheus]:
-    """Prometheus scraping `compter`'s /metrics every second, with alerts.yml evaluated every second."""
+def start_prometheus(targets: list[RunningCompter], workdir: Path) -> Iterator[Prometheus]:
+    """Prometheus scraping each target's /metrics every second, with alerts.yml evaluated every second."""
     binary = require_tool("prometheus")
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ALERTS)],
-        "scrape_configs": [{"job_name": "compter", "static_configs": [{"targets": [f"127.0.0.1:{compter.port}"]}]}],
+        "scrape_configs": [
+            {"job_name": "compter", "static_configs": [{"targets": [f"127.0.0.1:{target.port}" for target in targets]}]}
+        ],
     }
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     port, log = free_port(), workdir / "prometheus.log"
@@ -100,41 +102,73 @@ def _ready(prometheus: Prometheus, process: "subprocess.Popen[bytes]") -> bool:
     return False
 
 
+def miss_a_deadline_then_pay(prometheus: Prometheus, first: RunningCompter, second: RunningCompter) -> None:
+    """Create a debt through `first`, let it fall overdue, pay it through `second`; the alert follows."""
+    created = httpx.post(f"{first.url}/debts", json={"name": "e2e-backup", "interval": "1h"})
+    assert created.status_code == 201
+    debt = {"compter_debt_id": str(created.json()["id"]), "compter_debt_name": "e2e-backup"}
+    selector = ",".join(f'{label}="{value}"' for label, value in debt.items())
+
+    # Scraped and evaluated, and not due: silent.
+    prometheus.wait_for(
+        lambda: (
+            [series["value"][1] for series in prometheus.query(f"max(compter_debt_overdue{{{selector}}})")] == ["0"]
+        ),
+        "compter_debt_overdue = 0 scraped",
+    )
+    silent_until = time.monotonic() + 3  # a few evaluations of that series
+    while time.monotonic() < silent_until:
+        assert prometheus.alerts("CompterDebtOverdue", **debt) == []
+        time.sleep(0.2)
+    assert prometheus.query("compter_debt_count"), "CompterNotExporting relies on compter_debt_count"
+
+    # A payment that shortens the interval to 1 s; the next one is missed. One alert, however many replicas.
+    assert httpx.post(f"{first.url}/debts/{debt['compter_debt_id']}", json={"interval": 1}).status_code == 200
+    prometheus.wait_for(
+        lambda: [alert["state"] for alert in prometheus.alerts("CompterDebtOverdue", **debt)] == ["firing"],
+        "CompterDebtOverdue firing",
+    )
+    (alert,) = prometheus.alerts("CompterDebtOverdue", **debt)
+    assert alert["labels"]["severity"] == "critical"
+    assert alert["annotations"]["summary"] == f"Debt e2e-backup (id {debt['compter_debt_id']}) is overdue"
+    overdue_panel = [series["compter_debt_id"] for series in dashboard_panel_series("Overdue debts", prometheus)]
+    assert overdue_panel == [alert["labels"]["compter_debt_id"]]
+
+    # Paid through the other replica, with its interval back to an hour: the alert resolves.
+    paid = httpx.post(f"{second.url}/debts/{debt['compter_debt_id']}", json={"interval": "1h"})
+    assert paid.json()["status"] == "ok"
+    prometheus.wait_for(lambda: prometheus.alerts("CompterDebtOverdue", **debt) == [], "CompterDebtOverdue resolved")
+
+    # Counters are per process: their sum is every payment, as the rules and the dashboard assume.
+    prometheus.wait_for(
+        lambda: [s["value"][1] for s in prometheus.query(f"sum(compter_payments_total{{{selector}}})")] == ["2"],
+        "both payments counted once",
+    )
+    # Every rule evaluated against Compter's real series without an error, and none fires.
+    assert prometheus.unhealthy_rules() == []
+    assert [alert["labels"]["alertname"] for alert in prometheus.api("alerts")["alerts"]] == []
+
+
+def dashboard_panel_series(title: str, prometheus: Prometheus) -> list[dict[str, str]]:
+    """The label sets a dashboard panel's queries return now, every panel's queries having run without error."""
+    shown: dict[str, list[dict[str, str]]] = {}
+    for panel in dashboard_panels():
+        shown[panel["title"]] = []
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$__rate_interval", "1m").replace("$debt", ".*")
+            shown[panel["title"]] += [series["metric"] for series in prometheus.query(expr)]
+    return shown[title]
+
+
 def test_a_missed_deadline_fires_the_overdue_alert_and_a_payment_resolves_it(tmp_path: Path) -> None:
-    with start_compter() as compter, start_prometheus(compter, tmp_path) as prometheus:
-        created = httpx.post(f"{compter.url}/debts", json={"name": "e2e-backup", "interval": "1h"})
-        assert created.status_code == 201
-        debt = {"compter_debt_id": str(created.json()["id"]), "compter_debt_name": "e2e-backup"}
-        selector = ",".join(f'{label}="{value}"' for label, value in debt.items())
+    with start_compter() as compter, start_prometheus([compter], tmp_path) as prometheus:
+        miss_a_deadline_then_pay(prometheus, compter, compter)
 
-        # Scraped and evaluated, and not due: silent.
-        prometheus.wait_for(
-            lambda: [series["value"][1] for series in prometheus.query(f"compter_debt_overdue{{{selector}}}")] == ["0"],
-            "compter_debt_overdue = 0 scraped",
-        )
-        silent_until = time.monotonic() + 3  # a few evaluations of that series
-        while time.monotonic() < silent_until:
-            assert prometheus.alerts("CompterDebtOverdue", **debt) == []
-            time.sleep(0.2)
-        assert prometheus.query("compter_debt_count"), "CompterNotExporting relies on compter_debt_count"
 
-        # A payment that shortens the interval to 1 s; the next one is missed.
-        assert httpx.post(f"{compter.url}/debts/{debt['compter_debt_id']}", json={"interval": 1}).status_code == 200
-        prometheus.wait_for(
-            lambda: [alert["state"] for alert in prometheus.alerts("CompterDebtOverdue", **debt)] == ["firing"],
-            "CompterDebtOverdue firing",
-        )
-        (alert,) = prometheus.alerts("CompterDebtOverdue", **debt)
-        assert alert["labels"]["severity"] == "critical"
-        assert alert["annotations"]["summary"] == f"Debt e2e-backup (id {debt['compter_debt_id']}) is overdue"
-
-        # Paid, with its interval back to an hour: the alert resolves.
-        paid = httpx.post(f"{compter.url}/debts/{debt['compter_debt_id']}", json={"interval": "1h"})
-        assert paid.json()["status"] == "ok"
-        prometheus.wait_for(
-            lambda: prometheus.alerts("CompterDebtOverdue", **debt) == [], "CompterDebtOverdue resolved"
-        )
-
-        # Every rule evaluated against Compter's real series without an error.
-        assert prometheus.unhealthy_rules() == []
-        assert [alert["labels"]["alertname"] for alert in prometheus.api("alerts")["alerts"]] == []
+def test_a_fleet_on_a_shared_store_raises_one_alert_per_debt(shared_store_url: str, tmp_path: Path) -> None:
+    with (
+        start_compter("--store", shared_store_url) as one,
+        start_compter("--store", shared_store_url) as two,
+        start_prometheus([one, two], tmp_path) as prometheus,
+    ):
+        miss_a_deadline_then_pay(prometheus, one, two)
