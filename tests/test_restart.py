@@ -14,10 +14,13 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.otlp_receiver import Received, receiver
+from tests.otlp_receiver import wait_for as otlp_wait_for
 from tests.realprocess import RunningCompter, free_port, start_compter
 from tests.stores import drop_namespace, store_url_for
 from tests.test_cli import compter
 from tests.test_fleet import overdue_series, wait_for
+from tests.test_otlp import otlp_env
 
 PERSISTENT_KINDS = ["sqlite", "postgresql", "redis"]
 
@@ -139,6 +142,54 @@ def test_deadlines_that_passed_while_down_are_acted_on_at_start(persistent_store
         assert httpx.get(f"{again.url}/debts/{missed['id']}").json()["status"] == "overdue"
     # Compter acts within 1 s; the rest is margin for a loaded machine's polling.
     assert acted_s < 2.0
+
+
+def test_a_trace_and_an_announced_overdue_carry_on_after_kill_9(persistent_store_url: str) -> None:
+    """Seen by a collector: one trace across both processes, one overdue and one recovery."""
+    with receiver("http/protobuf") as (endpoint, received):
+        env = otlp_env(endpoint, "http/protobuf")
+        traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        with start_compter("--store", persistent_store_url, env=env) as server:
+            response = httpx.post(
+                f"{server.url}/debts",
+                json={"name": "deploy", "timeout": 3600, "stages": ["build", "ship"]},
+                headers={"traceparent": traceparent},
+            )
+            assert response.status_code == 201
+            deploy = response.json()
+            missed = post(server, "/debts", {"name": "missed", "interval": 1}, want=201)
+            post(server, f"/debts/{deploy['id']}?payment=build")
+            otlp_wait_for(lambda: [span for span in received.spans() if span.name == "build"], what="the build span")
+            otlp_wait_for(lambda: overdues(received, missed["id"]) == 1, what="the overdue event")
+            kill(server)
+
+        with start_compter("--store", persistent_store_url, env=env) as again:
+            post(again, f"/debts/{deploy['id']}", {"payment": "ship", "payoff": True})
+            spans = otlp_wait_for(
+                lambda: found if len(found := received.spans()) >= 3 else None, what="the ship and root spans"
+            )
+            time.sleep(1.5)  # the watcher has long looked at the debt that was overdue before the kill
+            recovered = post(again, f"/debts/{missed['id']}")
+            assert recovered["status"] == "ok"
+            otlp_wait_for(lambda: "compter.debt.recovered" in events(received, missed["id"]), what="the recovery")
+
+    by_name = {span.name: span for span in spans}
+    (root,) = [span for span in spans if span.name not in {"build", "ship"}]
+    assert {span.trace_id.hex() for span in spans} == {"4bf92f3577b34da6a3ce929d0e0e4736"}
+    assert root.parent_span_id.hex() == "00f067aa0ba902b7"
+    assert by_name["build"].parent_span_id == by_name["ship"].parent_span_id == root.span_id
+    assert root.start_time_unix_nano == round(datetime.fromisoformat(deploy["created"]).timestamp() * 1e6) * 1000
+    assert events(received, missed["id"]).count("compter.debt.overdue") == 1
+
+
+def overdues(received: Received, debt_id: int) -> int:
+    return events(received, debt_id).count("compter.debt.overdue")
+
+
+def events(received: Received, debt_id: int) -> list[str]:
+    return [
+        record.event_name for record in received.records() if record.attributes.get("compter.debt.id") == str(debt_id)
+    ]
 
 
 def test_a_store_that_cannot_be_opened_is_one_line_and_exit_2() -> None:
