@@ -229,6 +229,30 @@ async def test_a_schema_newer_than_this_compter_is_refused_with_what_to_do(pg_ur
         await PostgresStore(pg_url).open()
 
 
+# --- concurrency ------------------------------------------------------------------------------------
+
+
+async def test_payments_to_one_busy_debt_take_turns_before_taking_a_connection(pg_url: str, namespace: str) -> None:
+    """So they never fill the pool with connections waiting on one row lock, leaving none to other debts."""
+    async with opened(f"{pg_url}&application_name=compter-{namespace}") as store:
+        await vivify(store, 1)
+        payments = asyncio.gather(*(vivify(store, 1) for _ in range(200)))
+        waits = []
+        while not payments.done():
+            waits.append(
+                await sql(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                    f"compter-{namespace}",
+                )
+            )
+        await payments
+        debt = await store.get(1)
+        assert debt is not None
+        assert debt.payments == 201
+    assert len(waits) > 3
+    assert {rows[0][0] for rows in waits} == {0}
+
+
 # --- outages, in the process ----------------------------------------------------------------------
 
 
