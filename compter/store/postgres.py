@@ -195,14 +195,6 @@ class PostgresStore:
         async with self._connection() as connection:
             return await connection.fetchval(self._sql["lease"], holder, ttl_s) is not None
 
-    async def schema_version(self) -> int:
-        """The version recorded in the database (what `open` migrated it to)."""
-        async with self._connection() as connection:
-            version = await connection.fetchval(
-                f"SELECT value FROM {_quote_identifier(self.schema)}.compter_meta WHERE key = 'schema_version'"
-            )
-        return int(version)
-
     async def _migrate(self, connection: Connection) -> None:
         """Create or upgrade the schema; a lock keeps processes starting together from racing."""
         s = _quote_identifier(self.schema)
