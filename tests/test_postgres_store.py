@@ -26,8 +26,9 @@ from compter.errors import StoreUnavailable
 from compter.model import PaymentRequest
 from compter.store.postgres import OPERATION_TIMEOUT_S, SCHEMA_VERSION, PostgresStore
 from tests.fakes import T0
-from tests.realprocess import spawn_compter, start_compter
+from tests.realprocess import free_port, spawn_compter, start_compter
 from tests.stores import POSTGRES_URL, drop_namespace, store_url_for
+from tests.test_cli import compter
 
 T = TypeVar("T")
 
@@ -359,6 +360,18 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> fl
         assert time.monotonic() - started < timeout_s, f"{what} not within {timeout_s} s"
         time.sleep(0.05)
     return time.monotonic() - started
+
+
+def test_compter_will_not_start_on_a_silent_postgresql_and_says_why_in_one_line(pg_url: str, proxy: TcpProxy) -> None:
+    proxy.stall()
+    started = time.monotonic()
+    done = compter("serve", "--port", str(free_port()), "--store", through(proxy, pg_url, "pw-Sekr%2Et"))
+    assert time.monotonic() - started < OPERATION_TIMEOUT_S + 10  # a few seconds, not the driver's default minute
+    assert done.returncode == 2
+    [line] = done.stderr.splitlines()
+    assert line.startswith("compter: error: cannot open the store postgresql://postgres:***@")
+    assert "PostgreSQL is unavailable: TimeoutError" in line
+    assert "pw-Sekr" not in done.stderr + done.stdout
 
 
 def test_compter_answers_503_while_postgresql_is_away_and_recovers_by_itself(pg_url: str, proxy: TcpProxy) -> None:
