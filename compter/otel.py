@@ -58,12 +58,32 @@ _CONSOLE: dict[Signal, Callable[[], MetricExporter | LogRecordExporter | SpanExp
 }
 
 
+class _Throttle(logging.Filter):
+    """Let each repeated message through once a period: a full SDK queue warns on every item it drops."""
+
+    def __init__(self, period_s: float) -> None:
+        super().__init__()
+        self._period_s = period_s
+        self._last: dict[object, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(record.msg, -self._period_s) < self._period_s:
+            return False
+        self._last[record.msg] = now
+        return True
+
+
+_THROTTLE = _Throttle(period_s=60.0)
+
+
 def build_telemetry(environ: Mapping[str, str], *, max_debts: int) -> Telemetry:
     """The SDK providers, readers and exporters that OTEL_* asks for, behind Compter's emitters.
 
     `/metrics` is served from its own registry whatever the exporters; with
     OTEL_SDK_DISABLED=true the SDK records nothing, so it answers with no series.
     """
+    logging.getLogger("opentelemetry.sdk._shared_internal").addFilter(_THROTTLE)
     disabled = environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
     resource = build_resource(environ)
     registry = CollectorRegistry()

@@ -272,7 +272,7 @@ def grpc_receiver() -> Iterator[tuple[str, Received]]:
 @contextlib.contextmanager
 def receiver(protocol: str) -> Iterator[tuple[str, Received]]:
     """The receiver for an OTEL_EXPORTER_OTLP_PROTOCOL value."""
-    with (grpc_receiver() if protocol == "grpc" else http_receiver()) as found:
+    with grpc_receiver() if protocol == "grpc" else http_receiver() as found:
         yield found
 
 

@@ -66,6 +66,9 @@ async def test_a_deploy_of_three_stages_is_one_trace_of_four_spans(h: Harness) -
     assert root.attributes["cicd.pipeline.result"] == "success"
     assert root.attributes["compter.debt.status"] == "paid_off"
     assert root.attributes["compter.debt.stages"] == ("build", "test", "release")
+    for log in h.logs.get_finished_logs():
+        assert f"{log.log_record.trace_id:032x}" == deploy.trace.trace_id, "events link to the trace"
+        assert f"{log.log_record.span_id:016x}" == deploy.trace.span_id
 
 
 async def test_a_timed_out_deploy_ends_its_trace_in_error_with_the_missing_stages(h: Harness) -> None:
