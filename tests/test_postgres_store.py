@@ -236,6 +236,22 @@ async def test_a_schema_newer_than_this_compter_is_refused_with_what_to_do(pg_ur
         await PostgresStore(pg_url).open()
 
 
+async def test_the_watcher_reads_due_debts_from_the_index_never_by_a_scan(pg_url: str, namespace: str) -> None:
+    async with opened(pg_url) as store:
+        # 20,000 debts: half never due (plain ones), half due over the next hours.
+        await sql(
+            f'INSERT INTO "{namespace}".compter_debts (id, document, due) '
+            "SELECT n, '{}', CASE WHEN n % 2 = 0 THEN $1::timestamptz + n * interval '1 second' END "
+            "FROM generate_series(1, 20000) AS n",
+            T0,
+        )
+        await sql(f'ANALYZE "{namespace}".compter_debts')
+        for query, args in [(store._sql["due"], (T0 + timedelta(minutes=1), 100)), (store._sql["next_due"], ())]:
+            plan = "\n".join(row[0] for row in await sql(f"EXPLAIN {query}", *args))
+            assert "Index Scan using compter_debts_due" in plan or "Index Only Scan using compter_debts_due" in plan
+            assert "Seq Scan" not in plan
+
+
 # --- concurrency ------------------------------------------------------------------------------------
 
 
