@@ -59,22 +59,31 @@ _CONSOLE: dict[Signal, Callable[[], MetricExporter | LogRecordExporter | SpanExp
 
 
 class _Throttle(logging.Filter):
-    """Let each repeated message through once a period: a full SDK queue warns on every item it drops."""
+    """Let each repeated message through once a period: with a collector down, the SDK warns on every item it
+    drops and the exporters on every retry."""
 
     def __init__(self, period_s: float) -> None:
         super().__init__()
         self._period_s = period_s
-        self._last: dict[object, float] = {}
+        self._last: dict[tuple[str, object], float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         now = time.monotonic()
-        if now - self._last.get(record.msg, -self._period_s) < self._period_s:
+        key = (record.name, record.msg)
+        if now - self._last.get(key, -self._period_s) < self._period_s:
             return False
-        self._last[record.msg] = now
+        self._last[key] = now
         return True
 
 
 _THROTTLE = _Throttle(period_s=60.0)
+_NOISY_LOGGERS = (
+    "opentelemetry.sdk._shared_internal",
+    "opentelemetry.exporter.otlp.proto.http._log_exporter",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+)
 
 
 def build_telemetry(environ: Mapping[str, str], *, max_debts: int) -> Telemetry:
@@ -83,7 +92,8 @@ def build_telemetry(environ: Mapping[str, str], *, max_debts: int) -> Telemetry:
     `/metrics` is served from its own registry whatever the exporters; with
     OTEL_SDK_DISABLED=true the SDK records nothing, so it answers with no series.
     """
-    logging.getLogger("opentelemetry.sdk._shared_internal").addFilter(_THROTTLE)
+    for noisy in _NOISY_LOGGERS:
+        logging.getLogger(noisy).addFilter(_THROTTLE)
     disabled = environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
     resource = build_resource(environ)
     registry = CollectorRegistry()

@@ -16,7 +16,6 @@ from types import MappingProxyType
 from opentelemetry._logs import LoggerProvider, SeverityNumber
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
-from opentelemetry.propagate import extract
 from opentelemetry.sdk.metrics.view import View
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
@@ -34,6 +33,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace import (
     Status as SpanStatus,
 )
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AnyValue
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 
@@ -48,6 +48,8 @@ OVERFLOW: Mapping[str, AnyValue] = MappingProxyType({"otel.metric.overflow": Tru
 _WARNING_EVENTS = frozenset({EventKind.OVERDUE, EventKind.TIMED_OUT})
 _ENDING_EVENTS = frozenset({EventKind.DELETED, EventKind.PAID_OFF, EventKind.TIMED_OUT})
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# SPEC names the W3C header: read it whatever OTEL_PROPAGATORS says.
+_W3C = TraceContextTextMapPropagator()
 
 
 def metric_views(max_debts: int) -> list[View]:
@@ -153,7 +155,8 @@ class Telemetry:
         self._follow(events)
 
     def new_trace(self, traceparent: str | None) -> TraceContext:
-        caller = get_current_span(extract({"traceparent": traceparent} if traceparent else {})).get_span_context()
+        carrier = {"traceparent": traceparent} if traceparent else {}
+        caller = get_current_span(_W3C.extract(carrier)).get_span_context()
         span_id = f"{self._ids.generate_span_id():016x}"
         if not caller.is_valid:
             return TraceContext(f"{self._ids.generate_trace_id():032x}", span_id)
