@@ -19,6 +19,7 @@ from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from opentelemetry.sdk.metrics.view import View
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.semconv._incubating.attributes import cicd_attributes as cicd
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.trace import (
@@ -112,6 +113,7 @@ class Telemetry:
         if not isinstance(tracer_provider.id_generator, StoredIds):
             raise TypeError("the tracer provider must be built with id_generator=StoredIds()")
         self._ids = tracer_provider.id_generator
+        self._sampler = tracer_provider.sampler
         self._tracer = tracer_provider.get_tracer("compter", __version__)
         self._logger = logger_provider.get_logger("compter", __version__)
         self._registry = registry
@@ -159,7 +161,11 @@ class Telemetry:
         caller = get_current_span(_W3C.extract(carrier)).get_span_context()
         span_id = f"{self._ids.generate_span_id():016x}"
         if not caller.is_valid:
-            return TraceContext(f"{self._ids.generate_trace_id():032x}", span_id)
+            # Decided now, as the root span will be, so that the stage spans exported first agree with it.
+            trace_id = self._ids.generate_trace_id()
+            decision = self._sampler.should_sample(None, trace_id, "compter.debt").decision
+            sampled = decision is Decision.RECORD_AND_SAMPLE
+            return TraceContext(f"{trace_id:032x}", span_id, sampled=sampled)
         return TraceContext(f"{caller.trace_id:032x}", span_id, f"{caller.span_id:016x}", caller.trace_flags.sampled)
 
     def track(self, debts: Iterable[Debt] | None) -> None:

@@ -14,6 +14,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import Sampler
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -64,7 +65,7 @@ class Harness:
         return self.spans.get_finished_spans()
 
 
-def harness(max_debts: int = 100) -> Harness:
+def harness(max_debts: int = 100, sampler: Sampler | None = None) -> Harness:
     clock = FakeClock()
     metrics = InMemoryMetricReader()
     logs = InMemoryLogRecordExporter()
@@ -72,7 +73,7 @@ def harness(max_debts: int = 100) -> Harness:
     registry = CollectorRegistry()
     logger_provider = LoggerProvider(shutdown_on_exit=False)
     logger_provider.add_log_record_processor(SimpleLogRecordProcessor(logs))
-    tracer_provider = TracerProvider(id_generator=StoredIds(), shutdown_on_exit=False)
+    tracer_provider = TracerProvider(id_generator=StoredIds(), sampler=sampler, shutdown_on_exit=False)
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
     meter_provider = MeterProvider(
         metric_readers=[metrics, PrometheusMetricReader(scope_info_enabled=False, registry=registry)],

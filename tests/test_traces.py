@@ -7,6 +7,7 @@ import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as WireSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status as WireStatus
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
 
 from compter.model import PaymentRequest
@@ -111,6 +112,18 @@ async def test_an_unsampled_caller_keeps_the_debts_trace_unsampled(h: Harness) -
     deploy = await h.service.create({"timeout": 60.0}, traceparent=f"00-{CALLER_TRACE}-{CALLER_SPAN}-00")
     await h.service.pay(deploy.id, stage("build", payoff=True))
     assert h.finished_spans() == ()
+
+
+@pytest.mark.parametrize(("ratio", "exported"), [(0.0, 0), (1.0, 3)])
+async def test_the_sampler_decides_once_for_the_whole_trace(ratio: float, exported: int) -> None:
+    """A ratio sampler decides on the trace id: the stage spans, exported first, follow the root's decision."""
+    h = harness(sampler=ParentBased(TraceIdRatioBased(ratio)))
+    deploy = await h.service.create({"timeout": 60.0})
+    assert deploy.trace is not None
+    assert deploy.trace.sampled is bool(exported)
+    await h.service.pay(deploy.id, stage("build"))
+    await h.service.pay(deploy.id, stage("release", payoff=True))
+    assert len(h.finished_spans()) == exported
 
 
 async def test_a_bad_traceparent_starts_a_trace_of_its_own(h: Harness) -> None:
