@@ -235,13 +235,7 @@ class Telemetry:
             span_status = SpanStatus(StatusCode.ERROR, f"timed out; missing stages: {missing}")
         parent = Context()
         if trace.parent_span_id is not None:
-            caller = SpanContext(
-                int(trace.trace_id, 16),
-                int(trace.parent_span_id, 16),
-                is_remote=True,
-                trace_flags=TraceFlags(TraceFlags.SAMPLED if trace.sampled else TraceFlags.DEFAULT),
-            )
-            parent = set_span_in_context(NonRecordingSpan(caller))
+            parent = _span_context(trace.trace_id, trace.parent_span_id, trace.sampled, remote=True)
         with self._ids.stored(trace):
             span = self._tracer.start_span(
                 f"{action} {debt.name}" if debt.name else action,
@@ -273,7 +267,7 @@ class Telemetry:
         """Keep the tracked debts current between two `track` calls."""
         if self._tracked is None:
             return
-        self._admit({event.debt.id: event.debt for event in events})
+        self._admit(event.debt.id for event in events)
         with self._lock:
             if self._tracked is None:
                 return
@@ -285,18 +279,16 @@ class Telemetry:
 
     def _per_debt(self, debt: Debt) -> Mapping[str, AnyValue]:
         """The per-debt attributes, or the overflow attribute for a debt past the cap."""
-        self._admit({debt.id: debt})
-        if debt.id not in self._admitted:
-            return OVERFLOW
-        return _named({"compter.debt.id": str(debt.id), "compter.debt.name": debt.name})
+        self._admit([debt.id])
+        return _labels(debt) if debt.id in self._admitted else OVERFLOW
 
-    def _admit(self, debts: dict[int, Debt]) -> None:
+    def _admit(self, debt_ids: Iterable[int]) -> None:
         """Give per-debt series to the first `max_debts` debts this process reports, and to no other.
 
         An admission is never taken back: the SDK keeps every attribute set it has
         seen until the process ends, so a freed place would not free its memory.
         """
-        new = debts.keys() - self._admitted
+        new = set(debt_ids) - self._admitted
         room = self._max_debts - len(self._admitted)
         with self._lock:
             self._admitted.update(sorted(new)[: max(room, 0)])
@@ -310,43 +302,46 @@ class Telemetry:
                 self._max_debts,
             )
 
-    def _snapshot(self) -> list[Debt]:
+    def _snapshot(self) -> list[Debt] | None:
+        """The tracked debts, copied under the lock; None when this process does not report them."""
         with self._lock:
-            tracked = self._tracked
-            return [] if tracked is None else list(tracked.values())
+            return None if self._tracked is None else list(self._tracked.values())
 
     def _observe_overdue(self, options: CallbackOptions) -> Iterable[Observation]:
         now = self._clock()
         return [
-            Observation(int(debt.status(now) is Status.OVERDUE), self._gauge_attributes(debt))
-            for debt in self._snapshot()
-            if debt.recurring and debt.id in self._admitted
+            Observation(int(debt.status(now) is Status.OVERDUE), _labels(debt))
+            for debt in self._admitted_debts()
+            if debt.recurring
         ]
 
     def _observe_last_payment(self, options: CallbackOptions) -> Iterable[Observation]:
         return [
-            Observation(debt.updated.timestamp(), self._gauge_attributes(debt))
-            for debt in self._snapshot()
-            if debt.payments > 0 and debt.id in self._admitted
+            Observation(debt.updated.timestamp(), _labels(debt)) for debt in self._admitted_debts() if debt.payments > 0
         ]
 
     def _observe_deadline(self, options: CallbackOptions) -> Iterable[Observation]:
         return [
-            Observation(debt.deadline.timestamp(), self._gauge_attributes(debt))
-            for debt in self._snapshot()
-            if debt.recurring and debt.deadline is not None and debt.id in self._admitted
+            Observation(debt.deadline.timestamp(), _labels(debt))
+            for debt in self._admitted_debts()
+            if debt.recurring and debt.deadline is not None
         ]
 
     def _observe_count(self, options: CallbackOptions) -> Iterable[Observation]:
-        if self._tracked is None:
+        debts = self._snapshot()
+        if debts is None:
             return []
         now = self._clock()
-        counts = Counter(debt.status(now) for debt in self._snapshot())
+        counts = Counter(debt.status(now) for debt in debts)
         return [Observation(counts[status], {"compter.debt.status": status.value}) for status in Status]
 
-    @staticmethod
-    def _gauge_attributes(debt: Debt) -> dict[str, AnyValue]:
-        return _named({"compter.debt.id": str(debt.id), "compter.debt.name": debt.name})
+    def _admitted_debts(self) -> list[Debt]:
+        return [debt for debt in self._snapshot() or () if debt.id in self._admitted]
+
+
+def _labels(debt: Debt) -> dict[str, AnyValue]:
+    """The attributes that tell one debt's series from another's."""
+    return _named({"compter.debt.id": str(debt.id), "compter.debt.name": debt.name})
 
 
 def _debt_attributes(debt: Debt, now: datetime) -> dict[str, AnyValue]:
@@ -384,13 +379,13 @@ def _named(attributes: dict[str, AnyValue]) -> dict[str, AnyValue]:
 
 
 def _root_context(trace: TraceContext) -> Context:
-    root = SpanContext(
-        int(trace.trace_id, 16),
-        int(trace.span_id, 16),
-        is_remote=False,
-        trace_flags=TraceFlags(TraceFlags.SAMPLED if trace.sampled else TraceFlags.DEFAULT),
-    )
-    return set_span_in_context(NonRecordingSpan(root))
+    return _span_context(trace.trace_id, trace.span_id, trace.sampled, remote=False)
+
+
+def _span_context(trace_id: str, span_id: str, sampled: bool, *, remote: bool) -> Context:
+    """A context whose current span is the given one, as a parent for new spans and log records."""
+    flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+    return set_span_in_context(NonRecordingSpan(SpanContext(int(trace_id, 16), int(span_id, 16), remote, flags)))
 
 
 def _nanoseconds(moment: datetime) -> int:
