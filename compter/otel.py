@@ -5,11 +5,13 @@ limits), but not the exporter choice, the protocol or the endpoint when the
 exporters are built in code: those are read here, from `environ`.
 """
 
+import contextlib
 import logging
+import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Literal
 from urllib.parse import unquote
 
@@ -89,19 +91,18 @@ _NOISY_LOGGERS = (
 def build_telemetry(environ: Mapping[str, str], *, max_debts: int) -> Telemetry:
     """The SDK providers, readers and exporters that OTEL_* asks for, behind Compter's emitters.
 
-    `/metrics` is served from its own registry whatever the exporters; with
-    OTEL_SDK_DISABLED=true the SDK records nothing, so it answers with no series.
+    `/metrics` is served from its own registry whatever the exporters, even with
+    OTEL_SDK_DISABLED=true, which turns off every export (OTLP and console).
     """
     for noisy in _NOISY_LOGGERS:
         logging.getLogger(noisy).addFilter(_THROTTLE)
     disabled = environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
     resource = build_resource(environ)
     registry = CollectorRegistry()
-    readers: list[MetricReader] = []
     tracer_provider = TracerProvider(resource=resource, id_generator=StoredIds(), shutdown_on_exit=False)
     logger_provider = LoggerProvider(resource=resource, shutdown_on_exit=False)
+    readers: list[MetricReader] = [PrometheusMetricReader(scope_info_enabled=False, registry=registry)]
     if not disabled:
-        readers.append(PrometheusMetricReader(scope_info_enabled=False, registry=registry))
         interval_ms = _milliseconds(environ, "OTEL_METRIC_EXPORT_INTERVAL", 60_000.0)
         timeout_ms = _milliseconds(environ, "OTEL_METRIC_EXPORT_TIMEOUT", 30_000.0)
         for metric_exporter in exporters(environ, "metrics"):
@@ -114,9 +115,10 @@ def build_telemetry(environ: Mapping[str, str], *, max_debts: int) -> Telemetry:
         for span_exporter in exporters(environ, "traces"):
             assert isinstance(span_exporter, SpanExporter)
             tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter, schedule_delay_millis=span_delay_ms))
-    meter_provider = MeterProvider(
-        metric_readers=readers, resource=resource, views=metric_views(max_debts), shutdown_on_exit=False
-    )
+    with _sdk_enabled():
+        meter_provider = MeterProvider(
+            metric_readers=readers, resource=resource, views=metric_views(max_debts), shutdown_on_exit=False
+        )
 
     def shutdown() -> None:
         """Flush and stop the providers side by side; a collector that does not answer holds the exit for at most
@@ -140,6 +142,21 @@ def build_telemetry(environ: Mapping[str, str], *, max_debts: int) -> Telemetry:
         clock=utc_now,
         shutdown=shutdown,
     )
+
+
+@contextlib.contextmanager
+def _sdk_enabled() -> Iterator[None]:
+    """Hide OTEL_SDK_DISABLED from the SDK's MeterProvider, which reads it from the process environment when built.
+
+    SPEC: `/metrics` always works. It is Compter's own endpoint, so it keeps its metrics
+    when OpenTelemetry is switched off; no exporter is built then.
+    """
+    hidden = os.environ.pop("OTEL_SDK_DISABLED", None)
+    try:
+        yield
+    finally:
+        if hidden is not None:
+            os.environ["OTEL_SDK_DISABLED"] = hidden
 
 
 def build_resource(environ: Mapping[str, str]) -> Resource:

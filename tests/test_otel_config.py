@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import os
 import uuid
 from collections.abc import Iterator, Mapping
 
@@ -148,11 +149,15 @@ def test_metrics_are_scraped_without_any_exporter() -> None:
     assert b'compter_payments_total{compter_debt_id="1"} 1.0' in payment_scraped({"OTEL_METRICS_EXPORTER": "none"})
 
 
-def test_otel_sdk_disabled_records_nothing(caplog: pytest.LogCaptureFixture) -> None:
+def test_otel_sdk_disabled_builds_no_exporter_and_metrics_are_still_scraped(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     environ = {"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     with caplog.at_level(logging.WARNING):
-        assert b"compter_" not in payment_scraped(environ)
+        assert b'compter_payments_total{compter_debt_id="1"} 1.0' in payment_scraped(environ)
     assert caplog.text == "", "no exporter was built, so none complains about the unreachable endpoint"
+    assert os.environ["OTEL_SDK_DISABLED"] == "true", "the process environment is left as it was"
 
 
 def test_a_bad_export_interval_is_named_and_the_default_kept(caplog: pytest.LogCaptureFixture) -> None:

@@ -186,19 +186,20 @@ def test_without_an_endpoint_nothing_is_sent_and_nothing_complains() -> None:
 
 def test_sdk_disabled_sends_nothing_and_metrics_still_answers() -> None:
     with receiver("http/protobuf") as (endpoint, received):
-        env = otlp_env(endpoint, "http/protobuf", OTEL_SDK_DISABLED="true")
+        env = otlp_env(endpoint, "http/protobuf", OTEL_SDK_DISABLED="true", OTEL_TRACES_EXPORTER="otlp,console")
         with start_compter(env=env) as compter, httpx.Client(base_url=compter.url) as http:
-            debt_id = http.post("/debts", json={"timeout": 60, "name": "deploy"}).json()["id"]
+            debt_id = str(http.post("/debts", json={"timeout": 60, "name": "deploy"}).json()["id"])
             assert http.post(f"/debts/{debt_id}", params={"payment": "build", "payoff": "true"}).status_code == 200
-            answer = httpx.get(f"{compter.url}/metrics")
+            samples = scrape(compter.url)
             time.sleep(1.5)
             assert compter.stop() == 0
-    assert answer.status_code == 200
-    assert answer.headers["content-type"].startswith("text/plain")
-    assert "compter_" not in answer.text
+            output = compter.output()
+    labels = {("compter_debt_id", debt_id), ("compter_debt_name", "deploy"), ("compter_payment_name", "build")}
+    assert samples["compter_payments_total", frozenset(labels)] == 1
     assert not received.metrics
     assert not received.logs
     assert not received.traces
+    assert "trace_id" not in output, "no console exporter either"
 
 
 def payment_latencies(*urls: str, payments: int) -> list[list[float]]:
