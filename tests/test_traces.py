@@ -203,3 +203,4 @@ def test_a_real_timeout_reaches_the_receiver_as_an_error_with_the_event_and_the_
     assert timeouts == {"deploy": 1}
     assert event.attributes["compter.debt.missing_stages"] == ["test"]
     assert event.attributes["compter.debt.id"] == str(created["id"])
+    assert [payment["name"] for payment in event.attributes["compter.debt.paid"]] == ["build"]
