@@ -141,7 +141,7 @@ def test_deadlines_that_passed_while_down_are_acted_on_at_start(persistent_store
         acted_s = time.monotonic() - started
         assert httpx.get(f"{again.url}/debts/{missed['id']}").json()["status"] == "overdue"
     # Compter acts within 1 s; the rest is margin for a loaded machine's polling.
-    assert acted_s < 2.0
+    assert acted_s < 2.5
 
 
 def test_a_trace_and_an_announced_overdue_carry_on_after_kill_9(persistent_store_url: str) -> None:

@@ -323,16 +323,17 @@ async def test_one_holder_at_a_time_and_a_takeover_after_the_ttl(stores: list[St
     if len(stores) == 1:
         pytest.skip("a store of one process has no one to share the lease with")
     first, second = stores
-    assert await first.hold_lease("first", 1.0)
-    assert not await second.hold_lease("second", 1.0)
-    for _ in range(4):  # renewing keeps it past the ttl
-        await asyncio.sleep(0.4)
-        assert await first.hold_lease("first", 1.0)
-        assert not await second.hold_lease("second", 1.0)
-    await asyncio.sleep(1.6)  # the holder stopped renewing
-    assert await second.hold_lease("second", 1.0)
-    assert not await first.hold_lease("first", 1.0)
-    assert await second.hold_lease("second", 1.0)
+    ttl_s = 2.0
+    assert await first.hold_lease("first", ttl_s)
+    assert not await second.hold_lease("second", ttl_s)
+    for _ in range(3):  # renewing keeps it past the ttl
+        await asyncio.sleep(ttl_s / 2)
+        assert await first.hold_lease("first", ttl_s)
+        assert not await second.hold_lease("second", ttl_s)
+    await asyncio.sleep(ttl_s + 0.6)  # the holder stopped renewing
+    assert await second.hold_lease("second", ttl_s)
+    assert not await first.hold_lease("first", ttl_s)
+    assert await second.hold_lease("second", ttl_s)
 
 
 # --- concurrency, through the service ----------------------------------------------------------------
