@@ -172,6 +172,29 @@ def test_signal_specific_variables_split_the_signals() -> None:
     assert not over_http.traces
 
 
+def test_past_the_cap_metrics_says_so_once_and_keeps_the_totals() -> None:
+    with (
+        start_compter(env={"COMPTER_METRICS_MAX_DEBTS": "2"}) as compter,
+        httpx.Client(base_url=compter.url) as http,
+    ):
+        ids = [str(http.post("/debts", json={"interval": 60}).json()["id"]) for _ in range(5)]
+        for debt_id in ids:
+            assert http.post(f"/debts/{debt_id}").status_code == 200
+        samples = scrape(compter.url)
+        output = compter.output()
+    per_debt = {
+        dict(labels).get("compter_debt_id", "overflow"): value
+        for (name, labels), value in samples.items()
+        if name == "compter_payments_total"
+    }
+    assert per_debt == {ids[0]: 1, ids[1]: 1, "overflow": 3}
+    assert {("compter_debt_overdue", frozenset({("compter_debt_id", debt_id)})) for debt_id in ids[:2]} == {
+        key for key in samples if key[0] == "compter_debt_overdue"
+    }
+    assert samples["compter_debt_count", frozenset({("compter_debt_status", "ok")})] == 5
+    assert output.count("COMPTER_METRICS_MAX_DEBTS=2") == 1
+
+
 def test_without_an_endpoint_nothing_is_sent_and_nothing_complains() -> None:
     with start_compter() as compter, httpx.Client(base_url=compter.url) as http:
         debt_id = http.post("/debts", json={"interval": 60}).json()["id"]
