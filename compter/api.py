@@ -23,7 +23,7 @@ from werkzeug.exceptions import HTTPException
 from compter import model
 from compter.durations import parse_duration
 from compter.errors import CompterError, Invalid, NotFound, StoreUnavailable
-from compter.model import Debt, PaymentRequest, Status
+from compter.model import Debt, PaymentRequest, Status, rfc3339
 from compter.service import Service
 
 log = logging.getLogger(__name__)
@@ -109,10 +109,6 @@ class DebtModel(BaseModel):
 
 class ErrorModel(BaseModel):
     error: str
-
-
-def rfc3339(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _seconds(value: float | None) -> float | int | None:

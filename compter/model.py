@@ -172,6 +172,11 @@ class PaymentRequest:
         return self.definition.get("interval") is not None or self.definition.get("timeout") is not None
 
 
+def rfc3339(moment: datetime) -> str:
+    """The contract's timestamp: UTC, microseconds, `Z`."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def unchanged(debt: Debt | None) -> Transition:
     return Transition(debt, debt)
 

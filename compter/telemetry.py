@@ -39,8 +39,7 @@ from opentelemetry.util.types import AnyValue
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 
 from compter import __version__
-from compter.api import rfc3339
-from compter.model import Debt, Event, EventKind, Status, TraceContext
+from compter.model import Debt, Event, EventKind, Status, TraceContext, rfc3339
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,7 @@ from opentelemetry.sdk.trace.sampling import Sampler
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from compter.api import rfc3339
-from compter.model import PaymentRequest
+from compter.model import PaymentRequest, rfc3339
 from compter.service import Service
 from compter.store.memory import MemoryStore
 from compter.telemetry import StoredIds, Telemetry, metric_views
