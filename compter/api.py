@@ -3,6 +3,7 @@
 import json
 import logging
 import re
+from collections import Counter
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -29,7 +30,7 @@ from compter.service import Service
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
-_ID = re.compile(r"[0-9]{1,19}")
+_ID = re.compile(r"0*[0-9]{1,19}")
 _STATUS_OF: dict[type[CompterError], int] = {Invalid: 400, NotFound: 404, StoreUnavailable: 503}
 
 M = TypeVar("M", bound=BaseModel)
@@ -83,8 +84,12 @@ class PaymentQuery(BaseModel):
 
 class ListQuery(BaseModel):
     status: Status | None = None
-    limit: int | None = None
-    after: int | None = None
+    limit: Annotated[int, Field(ge=1, le=model.MAX_ID)] | None = None
+    after: Annotated[int, Field(ge=0, le=model.MAX_ID)] | None = None
+
+
+class NoQuery(BaseModel):
+    """Endpoints whose every input is in the body: a query string there is a mistake."""
 
 
 class PaidModel(BaseModel):
@@ -161,20 +166,30 @@ async def _body(model_class: type[M]) -> M:
     if not data.strip():
         return model_class()
     try:
-        document = json.loads(data)
+        document = json.loads(data, object_pairs_hook=_object_without_repeats)
     except (ValueError, UnicodeDecodeError) as error:
         raise Invalid(f"the body is not valid JSON ({error})") from None
+    except RecursionError:
+        raise Invalid("the body is not valid JSON (nested too deeply)") from None
     if not isinstance(document, dict):
         raise Invalid('the body must be a JSON object, like {"interval": "1h"}')
     return model_class.model_validate(document)
 
 
+def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice, which would otherwise pass silently as its last value."""
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        repeated = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+        raise Invalid(f"key(s) given more than once in the body: {', '.join(repeated)}")
+    return document
+
+
 def _query(model_class: type[M]) -> M:
     unknown = set(request.args) - set(model_class.model_fields)
     if unknown:
-        raise Invalid(
-            f"unknown query parameter(s): {', '.join(sorted(unknown))}; allowed: {', '.join(model_class.model_fields)}"
-        )
+        allowed = f"allowed: {', '.join(model_class.model_fields)}" if model_class.model_fields else "it takes none"
+        raise Invalid(f"unknown query parameter(s): {', '.join(sorted(unknown))}; {allowed}")
     repeated = sorted(key for key, values in request.args.lists() if len(values) > 1)
     if repeated:
         raise Invalid(f"query parameter(s) given more than once: {', '.join(repeated)}")
@@ -207,6 +222,8 @@ debts = Blueprint("debts", __name__)
 @document_response(ErrorModel, 400)
 async def create_debt() -> Response:
     """Create a debt."""
+    if request.args:
+        _query(NoQuery)
     body = await _body(Definition)
     service = _service()
     debt = await service.create(body.changes(), request.headers.get("traceparent"))
@@ -219,10 +236,6 @@ async def create_debt() -> Response:
 async def list_debts() -> Response:
     """List debts, ordered by id."""
     query = _query(ListQuery)
-    if query.limit is not None and query.limit < 1:
-        raise Invalid("`limit` must be at least 1")
-    if query.after is not None and query.after < 0:
-        raise Invalid("`after` must be 0 or more")
     service = _service()
     found = await service.list_debts(status=query.status, after=query.after or 0, limit=query.limit)
     now = service.now()

@@ -15,6 +15,13 @@ from compter.service import Service
 from compter.watcher import Watcher
 
 
+class _Compter(Quart):
+    async def make_default_options_response(self) -> Response:
+        """OPTIONS says what the path allows with no body (Quart's default is an empty text/html page)."""
+        response = await super().make_default_options_response()
+        return Response(status=204, headers={"Allow": response.headers["Allow"]})
+
+
 class PrometheusSource(Protocol):
     def prometheus_text(self) -> tuple[bytes, str]:
         """The current metrics in Prometheus text format, and its content type."""
@@ -32,7 +39,7 @@ def create_app(
     With an `api_token`, requests that change debts (POST, DELETE) must carry it as
     `Authorization: Bearer <token>`; reading stays open, like /metrics.
     """
-    app = Quart("compter")
+    app = _Compter("compter")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.extensions["compter.service"] = service
     QuartSchema(

@@ -4,20 +4,24 @@ import math
 import re
 
 _UNITS_S = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+# ASCII digits only, and nothing around them: " 1h" or an Arabic-Indic digit is a typo, not a duration.
+_DURATION = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?", re.ASCII)
 
 
 def parse_duration(value: object) -> float:
     """Seconds from a number or a string like "90s", "15m", "1h30m", "2d"; ValueError otherwise."""
     if isinstance(value, bool):
         raise ValueError('a duration is a number of seconds or a string like "90s", "1h30m" or "2d"')
-    if isinstance(value, int | float):
-        seconds = float(value)
-        if not math.isfinite(seconds):
-            raise ValueError("a duration must be a finite number of seconds")
-        return seconds
-    if isinstance(value, str):
-        match = _DURATION.fullmatch(value.strip())
-        if match and any(match.groups()):
-            return float(sum(int(n) * _UNITS_S[unit] for n, unit in zip(match.groups(), "dhms", strict=False) if n))
+    try:
+        if isinstance(value, int | float):
+            seconds = float(value)
+            if not math.isfinite(seconds):
+                raise ValueError("a duration must be a finite number of seconds")
+            return seconds
+        if isinstance(value, str):
+            match = _DURATION.fullmatch(value)
+            if match and any(match.groups()):
+                return float(sum(int(n) * _UNITS_S[unit] for n, unit in zip(match.groups(), "dhms", strict=False) if n))
+    except OverflowError:
+        raise ValueError("a duration must be at most a year") from None
     raise ValueError(f'{value!r} is not a duration: use seconds (90) or a string like "90s", "1h30m" or "2d"')

@@ -286,8 +286,7 @@ def _check_payment(debt: Debt, request: PaymentRequest) -> None:
     if request.payment is None:
         return
     if debt.stages is not None and request.payment not in debt.stages:
-        raise Invalid(
-            f"payment {request.payment!r} is not a stage of debt {debt.id}; its stages are: {', '.join(debt.stages)}"
-        )
+        declared = f"its stages are: {', '.join(debt.stages)}" if debt.stages else "it declares no stages"
+        raise Invalid(f"payment {request.payment!r} is not a stage of debt {debt.id}; {declared}")
     if len(debt.paid) >= MAX_NAMED_PAYMENTS:
         raise Invalid(f"debt {debt.id} already has {MAX_NAMED_PAYMENTS} named payments, the most it may have")

@@ -190,7 +190,13 @@ async def test_readyz_is_503_when_the_store_does_not_answer(client: Client, serv
     assert "connection refused" in body["error"]
 
 
-BAD_IDS = ["abc", "0", "-1", "9223372036854775808", "1.5", "1e3", "99999999999999999999999"]
+BAD_IDS = ["abc", "0", "-1", "9223372036854775808", "1.5", "1e3", "99999999999999999999999", "00", "+1", "0x1"]
+
+
+async def test_an_id_may_have_leading_zeros(client: Client) -> None:
+    status, debt, headers = await call(client, "POST", "/debts/" + "0" * 20 + "7", {"interval": 60})
+    assert (status, debt["id"], headers["Location"]) == (201, 7, "/debts/7")
+    assert (await call(client, "GET", "/debts/007"))[1] == debt
 
 
 @pytest.mark.parametrize("bad_id", BAD_IDS)
@@ -216,6 +222,11 @@ BAD_BODIES: list[tuple[object, str]] = [
     ({"interval": 365 * 86400 + 1}, "interval"),
     ({"interval": "366d"}, "interval"),
     ({"interval": "NaN"}, "interval"),
+    ({"interval": " 1h"}, "interval"),
+    ('{"interval": 1' + "0" * 400 + "}", "interval"),
+    ('{"grace": 1' + "0" * 400 + "}", "grace"),
+    ("[" * 5000 + "]" * 5000, "nested too deeply"),
+    ('{"interval": 60, "interval": 120}', "more than once in the body: interval"),
     ({"grace": -1}, "grace"),
     ({"grace": None}, "grace"),
     ({"grace": "400d"}, "grace"),
@@ -275,7 +286,10 @@ async def test_bad_vivifying_payment_creates_nothing(client: Client) -> None:
 
 @pytest.mark.parametrize(
     ("query", "mentions"),
-    [("status=late", "status"), ("limit=0", "limit"), ("limit=x", "limit"), ("after=-1", "after"), ("sort=id", "sort")],
+    [
+        *(("status=late", "status"), ("limit=0", "limit"), ("limit=x", "limit"), ("after=-1", "after")),
+        *(("limit=9223372036854775808", "limit"), ("after=9223372036854775808", "after"), ("sort=id", "sort")),
+    ],
 )
 async def test_bad_list_queries_are_400(client: Client, query: str, mentions: str) -> None:
     status, answer, _ = await call(client, "GET", f"/debts?{query}")
@@ -306,6 +320,20 @@ async def test_bad_payment_queries_are_400_and_change_nothing(
     assert telemetry.kinds() == ["created"]
 
 
+@pytest.mark.parametrize("query", ["interval=60", "payoff=true"])
+async def test_create_takes_no_query_parameters(client: Client, query: str) -> None:
+    status, answer, _ = await call(client, "POST", f"/debts?{query}")
+    assert status == 400
+    assert "unknown query parameter" in answer["error"]
+    assert (await call(client, "GET", "/debts"))[1] == []
+
+
+async def test_the_largest_page_bounds_are_accepted(client: Client) -> None:
+    await create(client)
+    assert len((await call(client, "GET", "/debts?limit=9223372036854775807&after=0"))[1]) == 1
+    assert (await call(client, "GET", "/debts?after=9223372036854775807"))[1] == []
+
+
 async def test_body_over_64_kib_is_413(client: Client) -> None:
     big = json.dumps({"name": "x" * (64 * 1024)})
     status, answer, _ = await call(client, "POST", "/debts", big)
@@ -328,3 +356,10 @@ async def test_unknown_paths_and_wrong_methods_answer_json(client: Client, metho
     assert got == status
     assert headers["Content-Type"] == "application/json"
     assert path in answer["error"]
+
+
+@pytest.mark.parametrize(("path", "allowed"), [("/debts", {"GET", "POST"}), ("/debts/1", {"GET", "POST", "DELETE"})])
+async def test_options_answers_204_with_allow(client: Client, path: str, allowed: set[str]) -> None:
+    response = await client.options(path)
+    assert (response.status_code, await response.get_data()) == (204, b"")
+    assert allowed <= {method.strip() for method in response.headers["Allow"].split(",")}

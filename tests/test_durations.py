@@ -21,8 +21,18 @@ def test_parses(given: object, seconds: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "given", ["", "90", "1.5h", "h", "1x", "30m1h", "-5s", True, None, [], float("nan"), float("inf")]
+    "given",
+    [
+        *("", "90", "1.5h", "h", "1x", "30m1h", "-5s", " 1h", "1h ", "1s\n", "1h 30m", "\u0661h", "1H"),
+        *(True, None, [], float("nan"), float("inf")),
+    ],
 )
 def test_rejects(given: object) -> None:
     with pytest.raises(ValueError, match="duration"):
+        parse_duration(given)
+
+
+@pytest.mark.parametrize("given", [10**400, f"{10**400}s"])
+def test_a_number_too_large_for_a_float_is_a_duration_error(given: object) -> None:
+    with pytest.raises(ValueError, match="at most a year"):
         parse_duration(given)

@@ -155,6 +155,7 @@ async def test_a_payment_after_payoff_is_404(client: Client) -> None:
 BAD_STAGE_REQUESTS: list[tuple[dict[str, Any], str, object, str]] = [
     (DEPLOY, "/debts/1", {"payment": "lint"}, "'lint' is not a stage of debt 1; its stages are: build, test, deploy"),
     (DEPLOY, "/debts/1?payment=lint", None, "not a stage"),
+    ({"timeout": 60, "stages": []}, "/debts/1?payment=lint", None, "not a stage of debt 1; it declares no stages"),
     (DEPLOY, "/debts/1?payment=lint&payoff=true", None, "not a stage"),
     (DEPLOY, "/debts/1", {"payment": "a b"}, "payment"),
     (DEPLOY, "/debts/1", {"payment": ""}, "payment"),
