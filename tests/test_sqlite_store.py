@@ -21,6 +21,7 @@ from tests.fakes import T0
     ("url", "path", "synchronous"),
     [
         ("sqlite:///var/lib/compter/compter.db", "/var/lib/compter/compter.db", "normal"),
+        ("sqlite:////var/lib/compter/compter.db", "/var/lib/compter/compter.db", "normal"),
         ("sqlite://compter.db", "compter.db", "normal"),
         ("sqlite://data/compter.db", "data/compter.db", "normal"),
         ("sqlite:///srv/my%20debts.db", "/srv/my debts.db", "normal"),

@@ -5,6 +5,7 @@ transactions never interleave, and a payment costs one hop to that thread.
 """
 
 import asyncio
+import re
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -137,7 +138,8 @@ class SQLiteStore:
 def parse_url(url: str) -> tuple[str, str]:
     """The database file and the `synchronous` setting a URL names; ValueError saying how to fix it."""
     parts = urlsplit(url)
-    path = unquote(parts.netloc + parts.path)
+    # sqlite:////abs/path.db (SQLAlchemy's spelling of an absolute path) names /abs/path.db too.
+    path = re.sub(r"^/+", "/", unquote(parts.netloc + parts.path))
     if not path:
         raise ValueError(f"{url!r} names no file: use sqlite:///absolute/path.db or sqlite://relative/path.db")
     options = dict(parse_qsl(parts.query, keep_blank_values=True))
