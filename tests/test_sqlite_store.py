@@ -3,6 +3,7 @@
 Everything every store does is in test_store_contract.py.
 """
 
+import contextlib
 import re
 import sqlite3
 import time
@@ -66,7 +67,7 @@ async def test_the_file_is_in_wal_mode_with_the_synchronous_level_asked_for(
         assert await store._call(lambda connection: connection.execute("PRAGMA synchronous").fetchone()) == (level,)
     finally:
         await store.close()
-    with sqlite3.connect(tmp_path / "c.db") as connection:
+    with contextlib.closing(sqlite3.connect(tmp_path / "c.db")) as connection:  # `with connection` does not close it
         assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
