@@ -117,6 +117,20 @@ class Debt:
         return Status.OK
 
     @property
+    def announced_status(self) -> Status:
+        """The status as the watcher last decided it, not the clock.
+
+        A copy of the debt read a while ago (the gauges' in a fleet) cannot tell
+        whether another process was paid since; this never reads overdue unless
+        the watcher said so in the store.
+        """
+        if self.final is not None:
+            return self.final
+        if self.recurring:
+            return Status.OVERDUE if self.overdue else Status.OK
+        return Status.OPEN if self.multi_stage else Status.OK
+
+    @property
     def missing_stages(self) -> tuple[str, ...]:
         paid = {payment.name for payment in self.paid}
         return tuple(stage for stage in self.stages or () if stage not in paid)

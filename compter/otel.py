@@ -33,7 +33,6 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from prometheus_client import CollectorRegistry
 
 from compter import __version__
-from compter.service import utc_now
 from compter.telemetry import StoredIds, Telemetry, metric_views
 
 log = logging.getLogger(__name__)
@@ -139,7 +138,6 @@ def build_telemetry(environ: Mapping[str, str], *, max_debts: int) -> Telemetry:
         tracer_provider=tracer_provider,
         registry=registry,
         max_debts=max_debts,
-        clock=utc_now,
         shutdown=shutdown,
     )
 

@@ -106,7 +106,6 @@ class Telemetry:
         tracer_provider: TracerProvider,
         registry: CollectorRegistry,
         max_debts: int,
-        clock: Callable[[], datetime],
         shutdown: Callable[[], None] = lambda: None,
     ) -> None:
         if not isinstance(tracer_provider.id_generator, StoredIds):
@@ -117,7 +116,6 @@ class Telemetry:
         self._logger = logger_provider.get_logger("compter", __version__)
         self._registry = registry
         self._max_debts = max_debts
-        self._clock = clock
         self._shutdown = shutdown
         self._lock = threading.Lock()
         self._tracked: dict[int, Debt] | None = None
@@ -307,9 +305,8 @@ class Telemetry:
             return None if self._tracked is None else list(self._tracked.values())
 
     def _observe_overdue(self, options: CallbackOptions) -> Iterable[Observation]:
-        now = self._clock()
         return [
-            Observation(int(debt.status(now) is Status.OVERDUE), _labels(debt))
+            Observation(int(debt.announced_status is Status.OVERDUE), _labels(debt))
             for debt in self._admitted_debts()
             if debt.recurring
         ]
@@ -330,8 +327,7 @@ class Telemetry:
         debts = self._snapshot()
         if debts is None:
             return []
-        now = self._clock()
-        counts = Counter(debt.status(now) for debt in debts)
+        counts = Counter(debt.announced_status for debt in debts)
         return [Observation(counts[status], {"compter.debt.status": status.value}) for status in Status]
 
     def _admitted_debts(self) -> list[Debt]:

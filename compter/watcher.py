@@ -24,6 +24,9 @@ LEASE_TTL_S = 3.0
 POLL_S = 0.5
 # How often the lease holder of a shared store reloads every debt for the gauges.
 GAUGE_REFRESH_S = 5.0
+# How often a store outage is logged, and how long the lease may take to be given back at shutdown.
+OUTAGE_LOG_S = 60.0
+RELEASE_TIMEOUT_S = 2.0
 
 
 def holder_name() -> str:
@@ -68,6 +71,8 @@ class Watcher:
         return self._holding
 
     async def run(self) -> None:
+        failing_since: float | None = None
+        warned_at = -float("inf")
         try:
             while True:
                 # Cleared before the sweep, so a due time given while it runs still wakes the next sleep.
@@ -76,17 +81,40 @@ class Watcher:
                 try:
                     next_due = await self._watch_once()
                 except StoreUnavailable as error:
-                    log.warning("watcher: %s; retrying in 1 s", error)
+                    # Once a minute while the store stays away: requests already answer 503 with the reason.
+                    failing_since = failing_since or time.monotonic()
+                    if time.monotonic() - warned_at >= OUTAGE_LOG_S:
+                        warned_at = time.monotonic()
+                        log.warning("watcher: %s; retrying every second", error)
                     await asyncio.sleep(1)
                     continue
                 except Exception:
                     log.exception("watcher: unexpected error; retrying in 1 s")
                     await asyncio.sleep(1)
                     continue
+                if failing_since is not None:
+                    log.info("watcher: the store answers again after %.0f s", time.monotonic() - failing_since)
+                    failing_since, warned_at = None, -float("inf")
                 await self._sleep_until(next_due)
         finally:
             if self._holding:
                 self._service.report_gauges(None)
+                if self._shared:
+                    await self._release()
+
+    async def _release(self) -> None:
+        """Hand the lease over on the way out, so another process watches at once rather than after its ttl."""
+        try:
+            await asyncio.wait_for(self._service.store.release_lease(self._holder), RELEASE_TIMEOUT_S)
+        except (StoreUnavailable, TimeoutError) as error:
+            log.warning(
+                "watcher: could not release the lease (%s); another process takes it within %.0f s",
+                error or "timed out",
+                self._lease_ttl_s,
+            )
+        else:
+            log.info("watcher: released the store's lease")
+        self._holding = False
 
     async def _watch_once(self) -> datetime | None:
         """Renew the lease, act on what is due; the next due time, if this process watches."""

@@ -85,6 +85,36 @@ def test_the_lease_holder_alone_reports_gauges_and_another_takes_over_when_it_di
             assert took_over_s < 5 + 1  # the lease expires, the next attempt takes it (plus a scrape)
 
 
+def test_a_debt_paid_in_time_through_another_process_never_reads_overdue(shared_store_url: str) -> None:
+    with start_compter("--store", shared_store_url) as holder:
+        wait_for(lambda: "took the store's lease" in holder.output(), 5, "the first process holds the lease")
+        with start_compter("--store", shared_store_url) as other:
+            debt_id = str(httpx.post(f"{other.url}/debts", json={"interval": 1}).json()["id"])
+            seen: list[float] = []
+            until = time.monotonic() + 7  # past the holder's 5 s reload of every debt
+            while time.monotonic() < until:
+                assert httpx.post(f"{other.url}/debts/{debt_id}").status_code == 200
+                for _ in range(3):
+                    seen.extend(value for key, value in overdue_series(holder).items() if key == debt_id)
+                    time.sleep(0.1)
+            assert seen, "the holder reports the debt"
+            assert set(seen) == {0.0}, "paid every 0.3 s with a 1 s interval, it was never overdue"
+
+
+def test_a_holder_stopped_by_sigterm_hands_the_lease_over_at_once(shared_store_url: str) -> None:
+    with start_compter("--store", shared_store_url) as first:
+        debt_id = str(httpx.post(f"{first.url}/debts", json={"interval": 1}).json()["id"])
+        wait_for(lambda: overdue_series(first).get(debt_id) == 1, 5, "overdue on the first process")
+        with start_compter("--store", shared_store_url) as second:
+            time.sleep(1)
+            assert overdue_series(second) == {}
+            assert first.stop(signal.SIGTERM) == 0
+            took_over_s = wait_for(lambda: overdue_series(second).get(debt_id) == 1, 10, "takeover")
+            # Well under the lease's 3 s time to live: the lease was released, not left to expire.
+            assert took_over_s < 2.5
+        assert "released the store's lease" in first.output()
+
+
 def test_workers_share_the_port_and_the_store_and_stop_cleanly(shared_store_url: str) -> None:
     with start_compter("--store", shared_store_url, "--workers", "2") as server:
         path = httpx.post(f"{server.url}/debts", json={"interval": 3600}).headers["Location"]

@@ -336,6 +336,19 @@ async def test_one_holder_at_a_time_and_a_takeover_after_the_ttl(stores: list[St
     assert await second.hold_lease("second", ttl_s)
 
 
+async def test_a_released_lease_is_taken_at_once_and_only_its_holder_releases_it(stores: list[Store]) -> None:
+    if len(stores) == 1:
+        pytest.skip("a store of one process has no one to share the lease with")
+    first, second = stores
+    assert await first.hold_lease("first", 60)
+    await second.release_lease("second")  # not the holder: changes nothing
+    assert not await second.hold_lease("second", 60)
+    await first.release_lease("first")
+    assert await second.hold_lease("second", 60)
+    assert not await first.hold_lease("first", 60)
+    await second.release_lease("second")
+
+
 # --- concurrency, through the service ----------------------------------------------------------------
 
 

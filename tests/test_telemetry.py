@@ -85,7 +85,6 @@ def harness(max_debts: int = 100, sampler: Sampler | None = None) -> Harness:
         tracer_provider=tracer_provider,
         registry=registry,
         max_debts=max_debts,
-        clock=clock,
     )
     return Harness(telemetry, Service(MemoryStore(), telemetry, clock), clock, metrics, logs, spans)
 
@@ -151,6 +150,18 @@ async def test_gauges_follow_a_missed_deadline_and_the_recovery(h: Harness) -> N
     assert h.by_debt("compter.debt.overdue") == {debt_id: 0}
     assert h.by_debt("compter.debt.last_payment") == {debt_id: unix(recovered.updated)}
     assert h.by_debt("compter.debt.deadline") == {debt_id: unix(recovered.deadline)}
+
+
+async def test_overdue_is_what_the_watcher_announced_not_what_a_stale_copy_suggests(h: Harness) -> None:
+    """In a fleet the holder's copy of a debt paid by another process is up to seconds old."""
+    debt = await h.service.create({"interval": 60.0})
+    h.telemetry.track([debt])  # a copy, as the holder read it
+    h.clock.advance(61)  # past the copy's deadline: another process may have been paid since
+    assert h.by_debt("compter.debt.overdue") == {str(debt.id): 0}
+    assert h.values("compter.debt.count")[frozenset({("compter.debt.status", "ok")})] == 1
+    assert await h.service.sweep() == 1  # the store says it is still due: now it is overdue
+    assert h.by_debt("compter.debt.overdue") == {str(debt.id): 1}
+    assert h.values("compter.debt.count")[frozenset({("compter.debt.status", "overdue")})] == 1
 
 
 async def test_a_deleted_or_cleared_debt_loses_its_gauges_and_the_count_follows(h: Harness) -> None:
@@ -359,5 +370,4 @@ def test_a_tracer_provider_without_stored_ids_is_refused() -> None:
             tracer_provider=TracerProvider(shutdown_on_exit=False),
             registry=CollectorRegistry(),
             max_debts=10,
-            clock=FakeClock(),
         )

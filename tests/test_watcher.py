@@ -2,11 +2,13 @@
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from compter.errors import StoreUnavailable
 from compter.model import EventKind, PaymentRequest
 from compter.service import Service
 from compter.store.memory import MemoryStore
@@ -113,6 +115,10 @@ class LeasedStore(MemoryStore):
             self.lease_holder = holder
         return self.lease_holder == holder
 
+    async def release_lease(self, holder: str) -> None:
+        if self.lease_holder == holder:
+            self.lease_holder = None
+
 
 async def wait_until(condition: Callable[[], bool], timeout_s: float = 3) -> None:
     started = time.monotonic()
@@ -170,3 +176,35 @@ async def test_the_holder_of_a_single_process_store_reports_every_debt_at_start(
         await wait_until(lambda: telemetry.tracked is not None)
         assert [debt.id for debt in telemetry.tracked or []] == [debt.id for debt in created]
     assert telemetry.tracked is None
+
+
+async def test_a_stopping_holder_gives_the_lease_back() -> None:
+    store = LeasedStore()
+    service = Service(store, RecordingTelemetry())
+    async with watching(service):
+        await wait_until(lambda: store.lease_holder is not None)
+    assert store.lease_holder is None
+
+
+class FailingStore(MemoryStore):
+    """A store that does not answer until told to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+
+    async def hold_lease(self, holder: str, ttl_s: float) -> bool:
+        if self.down:
+            raise StoreUnavailable("connection refused")
+        return True
+
+
+async def test_a_store_outage_is_logged_once_then_its_end(caplog: pytest.LogCaptureFixture) -> None:
+    store = FailingStore()
+    caplog.set_level(logging.INFO, logger="compter.watcher")
+    async with watching(Service(store, RecordingTelemetry())):
+        await asyncio.sleep(2.5)  # three attempts, a second apart
+        store.down = False
+        await wait_until(lambda: "answers again" in caplog.text)
+    outage = [record for record in caplog.records if "connection refused" in record.getMessage()]
+    assert len(outage) == 1

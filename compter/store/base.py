@@ -53,3 +53,6 @@ class Store(Protocol):
         One process of a fleet holds it at a time and watches deadlines for all;
         another takes over once the holder has stopped renewing it for `ttl_s`.
         """
+
+    async def release_lease(self, holder: str) -> None:
+        """Give the lease up if `holder` has it, so that another process takes over at once."""

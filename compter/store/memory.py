@@ -65,6 +65,9 @@ class MemoryStore:
     async def hold_lease(self, holder: str, ttl_s: float) -> bool:
         return True
 
+    async def release_lease(self, holder: str) -> None:
+        pass
+
     def _write(self, debt_id: int, transition: Transition) -> None:
         stored = transition.stored
         if stored is None:

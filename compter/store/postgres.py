@@ -99,6 +99,7 @@ class PostgresStore:
                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires = excluded.expires
                 WHERE lease.holder = excluded.holder OR lease.expires <= now()
                 RETURNING holder""",
+            "release": f"DELETE FROM {s}.compter_lease WHERE name = 'watcher' AND holder = $1",
         }
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         # A lock per debt being written in this process; it goes away with its last user.
@@ -194,6 +195,10 @@ class PostgresStore:
     async def hold_lease(self, holder: str, ttl_s: float) -> bool:
         async with self._connection() as connection:
             return await connection.fetchval(self._sql["lease"], holder, ttl_s) is not None
+
+    async def release_lease(self, holder: str) -> None:
+        async with self._connection() as connection:
+            await connection.execute(self._sql["release"], holder)
 
     async def _migrate(self, connection: Connection) -> None:
         """Create or upgrade the schema; a lock keeps processes starting together from racing."""

@@ -74,6 +74,12 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 """
 
+# KEYS: lease. ARGV: holder. Deletes the lease only if the holder still has it.
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 class RedisStore:
     shared = True
@@ -106,6 +112,7 @@ class RedisStore:
         self._lease_key = f"{prefix}lease"
         self._compare_and_set = self._redis.register_script(_COMPARE_AND_SET)
         self._hold_lease = self._redis.register_script(_HOLD_LEASE)
+        self._release_lease = self._redis.register_script(_RELEASE_LEASE)
         self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
 
     async def open(self) -> None:
@@ -173,6 +180,10 @@ class RedisStore:
         with self._errors():
             held = await self._hold_lease(keys=[self._lease_key], args=[holder, max(1, round(ttl_s * 1000))])
         return bool(held)
+
+    async def release_lease(self, holder: str) -> None:
+        with self._errors():
+            await self._release_lease(keys=[self._lease_key], args=[holder])
 
     def _debt_key(self, debt_id: int) -> str:
         return f"{self._debt_prefix}{debt_id}"

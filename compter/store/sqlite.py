@@ -111,6 +111,9 @@ class SQLiteStore:
     async def hold_lease(self, holder: str, ttl_s: float) -> bool:
         return True
 
+    async def release_lease(self, holder: str) -> None:
+        pass
+
     def _connect(self) -> sqlite3.Connection:
         """Runs on the store's thread, which then owns the connection."""
         # isolation_level=None: transactions are begun explicitly, with BEGIN IMMEDIATE.
