@@ -148,6 +148,13 @@ def error_response(status: int, message: str) -> Response:
     return json_response({"error": message}, status)
 
 
+def no_content(headers: dict[str, str] | None = None) -> Response:
+    """204, without the text/html content type Quart would give an empty body."""
+    response = Response(status=204, headers=headers)
+    del response.headers["Content-Type"]
+    return response
+
+
 def _service() -> Service:
     service: Service = current_app.extensions["compter.service"]
     return service
@@ -288,7 +295,7 @@ async def pay_debt(debt_id: str) -> Response:
 async def delete_debt(debt_id: str) -> Response:
     """Delete a debt."""
     await _service().delete(_debt_id(debt_id))
-    return Response(status=204)
+    return no_content()
 
 
 operations = Blueprint("operations", __name__)

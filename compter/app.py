@@ -10,7 +10,7 @@ from quart import Quart, Response, request
 from quart_schema import QuartSchema
 
 from compter import __version__
-from compter.api import MAX_BODY_BYTES, debts, error_response, operations, register_errors
+from compter.api import MAX_BODY_BYTES, debts, error_response, no_content, operations, register_errors
 from compter.service import Service
 from compter.watcher import Watcher
 
@@ -19,7 +19,7 @@ class _Compter(Quart):
     async def make_default_options_response(self) -> Response:
         """OPTIONS says what the path allows with no body (Quart's default is an empty text/html page)."""
         response = await super().make_default_options_response()
-        return Response(status=204, headers={"Allow": response.headers["Allow"]})
+        return no_content({"Allow": response.headers["Allow"]})
 
 
 class PrometheusSource(Protocol):
@@ -55,7 +55,8 @@ def create_app(
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         """The metrics in Prometheus text format."""
-        body, content_type = metrics.prometheus_text()
+        # On a thread: with thousands of debts a collection takes a while, and requests must not wait on it.
+        body, content_type = await asyncio.to_thread(metrics.prometheus_text)
         return Response(body, content_type=content_type)
 
     if watch:

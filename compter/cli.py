@@ -44,7 +44,10 @@ def cli() -> None:
 @cli.command()
 @click.option("--host", help="Address to listen on [env COMPTER_HOST; default 127.0.0.1].")
 @click.option("--port", help="Port to listen on [env COMPTER_PORT; default 8080].")
-@click.option("--store", help="Store URL: memory://, sqlite:///path, postgresql://…, redis://… [env COMPTER_STORE].")
+@click.option(
+    "--store",
+    help="Store URL: memory://, sqlite:///path, postgresql://…, redis://… [env COMPTER_STORE; default memory://].",
+)
 @click.option(
     "--workers", help="Processes sharing the port and the store (postgresql:// or redis:// only) [env COMPTER_WORKERS]."
 )

@@ -1,11 +1,14 @@
 """Every endpoint and every bad-input row of SPEC §2, through Quart's test client."""
 
+import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
 from quart.typing import TestClientProtocol as Client
 
+from compter.app import create_app
 from compter.service import Service
 from tests.fakes import FakeClock, RecordingTelemetry
 
@@ -363,3 +366,21 @@ async def test_options_answers_204_with_allow(client: Client, path: str, allowed
     response = await client.options(path)
     assert (response.status_code, await response.get_data()) == (204, b"")
     assert allowed <= {method.strip() for method in response.headers["Allow"].split(",")}
+
+
+class SlowMetrics:
+    """A collection that takes as long as one over many thousands of debts."""
+
+    def prometheus_text(self) -> tuple[bytes, str]:
+        time.sleep(0.5)
+        return b"", "text/plain"
+
+
+async def test_a_slow_metrics_collection_does_not_hold_up_other_requests(service: Service) -> None:
+    client = create_app(service, SlowMetrics(), watch=False).test_client()
+    scrape = asyncio.ensure_future(client.get("/metrics"))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    assert (await client.get("/healthz")).status_code == 200
+    assert time.monotonic() - started < 0.25
+    assert (await scrape).status_code == 200

@@ -45,6 +45,15 @@ def test_serves_a_debt_that_is_paid_goes_overdue_and_recovers_then_stops_on_sigt
         assert "Traceback" not in server.output()
 
 
+def test_answers_without_a_body_carry_no_content_type() -> None:
+    """Quart's test client adds text/html to any response without one: only a real server shows this."""
+    with start_compter() as server, httpx.Client(base_url=server.url) as http:
+        path = http.post("/debts").headers["Location"]
+        for response in (http.options(path), http.delete(path)):
+            assert response.status_code == 204
+            assert "content-type" not in response.headers, response.headers
+
+
 def test_sigint_stops_it_cleanly_too() -> None:
     with start_compter() as server:
         assert server.stop(signal.SIGINT) == 0
@@ -89,6 +98,9 @@ def test_environment_configures_it_and_flags_win() -> None:
         (["serve", "--store", "mysql://db"], {}, "mysql://db"),
         (["serve", "--store", "nonsense"], {}, "nonsense"),
         (["serve"], {"COMPTER_STORE": "ftp://x"}, "ftp://x"),
+        (["serve", "--store", "postgresql://u:pw@127.0.0.1:abc/x"], {}, "PostgreSQL URL is not valid"),
+        (["serve", "--store", "postgresql://u:pw@127.0.0.1:99999/x"], {}, "u:***@127.0.0.1:99999"),
+        (["serve", "--store", "redis://127.0.0.1:abc/0"], {}, "redis store URL"),
         (["serve", "--bogus"], {}, "--bogus"),
         (["frobnicate"], {}, "frobnicate"),
     ],
@@ -117,5 +129,5 @@ def test_version_and_help() -> None:
     assert (version.returncode, version.stdout.strip()) == (0, f"compter, version {__version__}")
     serve_help = compter("serve", "--help")
     assert serve_help.returncode == 0
-    for flag in ("--host", "--port", "--store", "COMPTER_STORE"):
+    for flag in ("--host", "--port", "--store", "COMPTER_STORE", "default memory://"):
         assert flag in serve_help.stdout

@@ -409,6 +409,7 @@ def test_compter_answers_503_while_postgresql_is_away_and_recovers_by_itself(pg_
         finally:
             load.stop()
         assert server.process.poll() is None
+        assert "Traceback" not in server.output(), "an outage is a line in the log, not a traceback"
         assert load.failures == []
         statuses = {status for status, _, _ in load.answers}
         assert statuses == {200, 503}

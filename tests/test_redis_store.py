@@ -18,11 +18,12 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from redis.asyncio.connection import SSLConnection
 
 from compter import model
 from compter.errors import StoreUnavailable
 from compter.model import MAX_ID, Debt, Transition
-from compter.store import redact
+from compter.store import redact, store_from_url
 from compter.store.redis import LOCK_WAIT_S, TIMEOUT_S, RedisStore
 from tests.fakes import T0
 from tests.realprocess import free_port, start_compter
@@ -298,3 +299,9 @@ def test_a_hung_redis_answers_503_within_seconds_and_compter_recovers(private_re
         # The payments refused while Redis hung may still have reached it, before the one that was answered.
         assert 1 <= paid.json()["payments"] <= 5
     print(f"4 payments to a hung redis answered 503 in {waited_s:.2f} s")
+
+
+def test_rediss_is_redis_over_tls() -> None:
+    store = store_from_url("rediss://:pw@redis.internal:6380/0")
+    assert isinstance(store, RedisStore)
+    assert store._redis.connection_pool.connection_class is SSLConnection

@@ -12,6 +12,7 @@ _BACKENDS: dict[str, tuple[str, str | None]] = {
     "postgresql": ("compter.store.postgres:PostgresStore", "postgres"),
     "postgres": ("compter.store.postgres:PostgresStore", "postgres"),
     "redis": ("compter.store.redis:RedisStore", "redis"),
+    "rediss": ("compter.store.redis:RedisStore", "redis"),
 }
 
 

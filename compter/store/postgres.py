@@ -106,19 +106,24 @@ class PostgresStore:
         self._turns: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
 
     async def open(self) -> None:
-        async with self._guard():
-            # command_timeout also bounds the cancel request asyncpg sends after an operation timed out.
-            self._pool = await asyncpg.create_pool(
-                self._dsn,
-                min_size=1,
-                max_size=POOL_MAX_SIZE,
-                timeout=CONNECT_TIMEOUT_S,
-                command_timeout=OPERATION_TIMEOUT_S,
-                reset=_nothing_to_reset,
-            )
         try:
+            async with self._guard():
+                # min_size=0: no connection floor for asyncpg to restore, with a traceback, every few
+                # seconds of an outage. command_timeout also bounds the cancel request asyncpg sends
+                # after an operation timed out.
+                self._pool = await asyncpg.create_pool(
+                    self._dsn,
+                    min_size=0,
+                    max_size=POOL_MAX_SIZE,
+                    timeout=CONNECT_TIMEOUT_S,
+                    command_timeout=OPERATION_TIMEOUT_S,
+                    reset=_nothing_to_reset,
+                )
             async with self._connection() as connection, connection.transaction():
                 await self._migrate(connection)
+        except (ValueError, OverflowError) as error:  # asyncpg reads the URL at the first connection
+            await self.close()
+            raise StoreUnavailable(f"the PostgreSQL URL is not valid: {self._describe(error)}") from None
         except BaseException:
             await self.close()
             raise
