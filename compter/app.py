@@ -15,13 +15,6 @@ from compter.service import Service
 from compter.watcher import Watcher
 
 
-class _Compter(Quart):
-    async def make_default_options_response(self) -> Response:
-        """OPTIONS says what the path allows with no body (Quart's default is an empty text/html page)."""
-        response = await super().make_default_options_response()
-        return no_content({"Allow": response.headers["Allow"]})
-
-
 class PrometheusSource(Protocol):
     def prometheus_text(self) -> tuple[bytes, str]:
         """The current metrics in Prometheus text format, and its content type."""
@@ -39,7 +32,7 @@ def create_app(
     With an `api_token`, requests that change debts (POST, DELETE) must carry it as
     `Authorization: Bearer <token>`; reading stays open, like /metrics.
     """
-    app = _Compter("compter")
+    app = Quart("compter")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.extensions["compter.service"] = service
     QuartSchema(
@@ -51,6 +44,13 @@ def create_app(
     app.register_blueprint(debts)
     app.register_blueprint(operations)
     register_errors(app)
+
+    @app.after_request
+    async def options_without_a_body(response: Response) -> Response:
+        """OPTIONS says what the path allows, with no body (Quart's default is an empty text/html page)."""
+        if request.method == "OPTIONS" and response.status_code == 200:
+            return no_content({"Allow": response.headers["Allow"]})
+        return response
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
