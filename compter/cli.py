@@ -28,6 +28,9 @@ log = logging.getLogger("compter")
 
 # How long in-flight requests may take to finish after SIGTERM.
 GRACEFUL_TIMEOUT_S = 10.0
+# Longer than clients keep idle connections (httpx 5 s, like Hypercorn's default), so that the server
+# never closes a kept-alive connection just as a client sends on it.
+KEEP_ALIVE_TIMEOUT_S = 75.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -114,6 +117,7 @@ async def _serve(settings: Settings, listener: socket.socket) -> None:
         config = Config()
         config.bind = [f"fd://{listener.fileno()}"]
         config.graceful_timeout = GRACEFUL_TIMEOUT_S
+        config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT_S
         config.accesslog = None
         config.errorlog = logging.getLogger("hypercorn.error")  # one format for all of Compter's log lines
         stop = _stop_on_signals()

@@ -1,5 +1,6 @@
 """`compter serve` as a real process on a real port."""
 
+import http.client
 import os
 import signal
 import socket
@@ -52,6 +53,20 @@ def test_answers_without_a_body_carry_no_content_type() -> None:
         for response in (http.options(path), http.delete(path)):
             assert response.status_code == 204
             assert "content-type" not in response.headers, response.headers
+
+
+def test_an_idle_kept_alive_connection_outlives_a_clients_own_keep_alive() -> None:
+    """A server that closed idle connections when httpx does (5 s) would race clients sending on them."""
+    with start_compter() as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        try:
+            for pause_s in (0, 6):
+                time.sleep(pause_s)
+                connection.request("GET", "/healthz")  # on the same socket: http.client never reconnects by itself
+                response = connection.getresponse()
+                assert (response.status, response.read()) == (200, b'{"status":"ok"}')
+        finally:
+            connection.close()
 
 
 def test_sigint_stops_it_cleanly_too() -> None:
