@@ -24,7 +24,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, ConsoleLogRecordExporter, LogRecordExporter
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricExporter, MetricReader
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader as PeriodicReader
 from opentelemetry.sdk.resources import Resource
@@ -116,7 +116,12 @@ def build_telemetry(environ: Mapping[str, str], *, max_debts: int) -> Telemetry:
             tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter, schedule_delay_millis=span_delay_ms))
     with _sdk_enabled():
         meter_provider = MeterProvider(
-            metric_readers=readers, resource=resource, views=metric_views(max_debts), shutdown_on_exit=False
+            metric_readers=readers,
+            resource=resource,
+            views=metric_views(max_debts),
+            # No measurement is taken inside a sampled span, so exemplars would always be empty: skip their cost.
+            exemplar_filter=None if "OTEL_METRICS_EXEMPLAR_FILTER" in environ else AlwaysOffExemplarFilter(),
+            shutdown_on_exit=False,
         )
 
     def shutdown() -> None:
