@@ -82,10 +82,20 @@ class PaymentQuery(BaseModel):
     payoff: Literal["true", "false"] | None = None
 
 
+def _digits(value: object) -> object:
+    """A query's whole number is written in digits, as an id is: `1.0` or `1e3` is a mistake."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be a whole number written in digits")
+    return value
+
+
+Digits = BeforeValidator(_digits)
+
+
 class ListQuery(BaseModel):
     status: Status | None = None
-    limit: Annotated[int, Field(ge=1, le=model.MAX_ID)] | None = None
-    after: Annotated[int, Field(ge=0, le=model.MAX_ID)] | None = None
+    limit: Annotated[int, Digits, Field(ge=1, le=model.MAX_ID)] | None = None
+    after: Annotated[int, Digits, Field(ge=0, le=model.MAX_ID)] | None = None
 
 
 class NoQuery(BaseModel):
@@ -254,6 +264,8 @@ async def list_debts() -> Response:
 @document_response(ErrorModel, 404)
 async def get_debt(debt_id: str) -> Response:
     """One debt."""
+    if request.args:
+        _query(NoQuery)
     service = _service()
     debt = await service.get(_debt_id(debt_id))
     return json_response(debt_json(debt, service.now()))
@@ -294,6 +306,8 @@ async def pay_debt(debt_id: str) -> Response:
 @document_response(ErrorModel, 404)
 async def delete_debt(debt_id: str) -> Response:
     """Delete a debt."""
+    if request.args:
+        _query(NoQuery)
     await _service().delete(_debt_id(debt_id))
     return no_content()
 

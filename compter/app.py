@@ -83,13 +83,15 @@ def _run_while_serving(app: Quart, task: Callable[[], Awaitable[None]]) -> None:
 
 
 def _require_token(app: Quart, token: str) -> None:
-    expected = f"Bearer {token}".encode()
+    expected = token.encode()
 
     @app.before_request
     async def check_token() -> Response | None:
         if request.method not in ("POST", "DELETE"):
             return None
-        if hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected):
+        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+        # The scheme is case-insensitive (RFC 9110); the token is compared in constant time.
+        if scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), expected):
             return None
         response = error_response(401, "this Compter needs `Authorization: Bearer <token>` to change debts")
         response.headers["WWW-Authenticate"] = "Bearer"

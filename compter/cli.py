@@ -62,10 +62,11 @@ def serve(host: str | None, port: str | None, store: str | None, workers: str | 
         raise click.UsageError(str(error)) from None
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
+        backend = _open_store(settings)  # a bad store URL is named before the port is taken
         if settings.workers == 1:
-            asyncio.run(_serve(settings, _listen(settings)))
+            asyncio.run(_serve(settings, _listen(settings), backend))
         else:
-            asyncio.run(_check_store(settings))
+            asyncio.run(_check_store(settings, backend))
             sys.exit(_supervise(settings, _listen(settings)))
     except StartupError as error:
         raise click.UsageError(str(error)) from None
@@ -78,23 +79,22 @@ def _open_store(settings: Settings) -> Store:
         raise StartupError(str(error)) from None
 
 
-async def _start_store(settings: Settings) -> Store:
-    store = _open_store(settings)
+async def _start_store(settings: Settings, store: Store) -> None:
     try:
         await store.open()
     except StoreUnavailable as error:
         raise StartupError(f"cannot open the store {redact(settings.store)}: {error}") from None
-    return store
 
 
-async def _check_store(settings: Settings) -> None:
+async def _check_store(settings: Settings, store: Store) -> None:
     """Refuse --workers on a store that only one process may use, and an unreachable store, before forking."""
-    if not _open_store(settings).shared:
+    if not store.shared:
         raise StartupError(
             f"--workers {settings.workers} needs a store several processes can share "
             f"(postgresql:// or redis://), not {redact(settings.store)}"
         )
-    await (await _start_store(settings)).close()
+    await _start_store(settings, store)
+    await store.close()
 
 
 def _listen(settings: Settings) -> socket.socket:
@@ -109,8 +109,8 @@ def _listen(settings: Settings) -> socket.socket:
     return listener
 
 
-async def _serve(settings: Settings, listener: socket.socket) -> None:
-    store = await _start_store(settings)
+async def _serve(settings: Settings, listener: socket.socket, store: Store) -> None:
+    await _start_store(settings, store)
     telemetry = build_telemetry(os.environ, max_debts=settings.metrics_max_debts)
     try:
         app = create_app(Service(store, telemetry), telemetry, api_token=settings.api_token)
@@ -123,7 +123,10 @@ async def _serve(settings: Settings, listener: socket.socket) -> None:
         stop = _stop_on_signals()
         host, port = listener.getsockname()[:2]
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        log.info("compter %s serving on http://%s with store %s", __version__, address, redact(settings.store))
+        access = "POST and DELETE need the API token" if settings.api_token else "open to all (no COMPTER_API_TOKEN)"
+        log.info(
+            "compter %s serving on http://%s with store %s; %s", __version__, address, redact(settings.store), access
+        )
         await hypercorn_serve(app, config, shutdown_trigger=stop.wait)
     finally:
         await store.close()
@@ -141,7 +144,7 @@ def _stop_on_signals() -> asyncio.Event:
 def _worker(settings: Settings, listener: socket.socket) -> None:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
-        asyncio.run(_serve(settings, listener))
+        asyncio.run(_serve(settings, listener, _open_store(settings)))
     except StartupError as error:
         log.error("%s", error)
         sys.exit(2)

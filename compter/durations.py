@@ -1,5 +1,6 @@
 """Durations as clients write them: seconds, or "1h30m"-style strings."""
 
+import json
 import math
 import re
 
@@ -24,4 +25,12 @@ def parse_duration(value: object) -> float:
                 return float(sum(int(n) * _UNITS_S[unit] for n, unit in zip(match.groups(), "dhms", strict=False) if n))
     except OverflowError:
         raise ValueError("a duration must be at most a year") from None
-    raise ValueError(f'{value!r} is not a duration: use seconds (90) or a string like "90s", "1h30m" or "2d"')
+    raise ValueError(f'{_shown(value)} is not a duration: use seconds (90) or a string like "90s", "1h30m" or "2d"')
+
+
+def _shown(value: object) -> str:
+    """The value as the client wrote it in JSON, not as Python prints it."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)

@@ -30,10 +30,12 @@ class Settings:
             variable = f"COMPTER_{name.upper()}"
             return environ.get(variable, default), variable
 
-        host, _ = pick("host", defaults.host)
+        host, host_source = pick("host", defaults.host)
+        if not str(host).strip():
+            raise SettingsError(f"{host_source} is empty: give an address, such as 127.0.0.1 or 0.0.0.0")
         store, _ = pick("store", defaults.store)
         return cls(
-            host=str(host),
+            host=str(host).strip(),
             port=_integer(*pick("port", defaults.port), low=1, high=65535),
             store=str(store),
             workers=_integer(*pick("workers", defaults.workers), low=1, high=64),

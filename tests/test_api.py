@@ -292,6 +292,7 @@ async def test_bad_vivifying_payment_creates_nothing(client: Client) -> None:
     [
         *(("status=late", "status"), ("limit=0", "limit"), ("limit=x", "limit"), ("after=-1", "after")),
         *(("limit=9223372036854775808", "limit"), ("after=9223372036854775808", "after"), ("sort=id", "sort")),
+        *(("limit=1.0", "limit"), ("after=1e3", "after"), ("limit=+5", "limit"), ("limit=%D9%A1", "limit")),
     ],
 )
 async def test_bad_list_queries_are_400(client: Client, query: str, mentions: str) -> None:
@@ -321,6 +322,14 @@ async def test_bad_payment_queries_are_400_and_change_nothing(
     assert mentions in answer["error"]
     assert (await call(client, "GET", f"/debts/{debt['id']}"))[1] == debt
     assert telemetry.kinds() == ["created"]
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/debts/1"), ("DELETE", "/debts/1")])
+async def test_one_debt_takes_no_query_parameters(client: Client, method: str, path: str) -> None:
+    debt = await create(client)
+    status, answer, _ = await call(client, method, f"{path}?payment=x")
+    assert (status, "unknown query parameter(s): payment; it takes none" in answer["error"]) == (400, True)
+    assert (await call(client, "GET", path))[1] == debt
 
 
 @pytest.mark.parametrize("query", ["interval=60", "payoff=true"])

@@ -17,7 +17,7 @@ def guarded(service: Service, telemetry: RecordingTelemetry) -> Client:
 
 
 @pytest.mark.parametrize(("method", "path"), [("POST", "/debts"), ("POST", "/debts/1"), ("DELETE", "/debts/1")])
-@pytest.mark.parametrize("authorization", [None, "Bearer wrong", TOKEN, f"Basic {TOKEN}"])
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", TOKEN, f"Basic {TOKEN}", f"Bearer {TOKEN}x", "Bearer"])
 async def test_changes_without_the_token_are_401_and_change_nothing(
     guarded: Client, telemetry: RecordingTelemetry, method: str, path: str, authorization: str | None
 ) -> None:
@@ -38,6 +38,12 @@ async def test_the_token_lets_changes_through_and_reading_stays_open(guarded: Cl
     assert (await guarded.get("/metrics")).status_code == 200
     assert (await guarded.get("/healthz")).status_code == 200
     assert (await guarded.delete("/debts/1", headers=bearer)).status_code == 204
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER"])
+async def test_the_scheme_is_case_insensitive(guarded: Client, scheme: str) -> None:
+    response = await guarded.post("/debts", headers={"Authorization": f"{scheme} {TOKEN}"})
+    assert response.status_code == 201
 
 
 def test_the_token_comes_from_the_environment_and_never_shows_in_settings() -> None:

@@ -117,6 +117,8 @@ def test_environment_configures_it_and_flags_win() -> None:
         (["serve", "--store", "postgresql://u:pw@127.0.0.1:99999/x"], {}, "u:***@127.0.0.1:99999"),
         (["serve", "--store", "redis://127.0.0.1:abc/0"], {}, "redis store URL"),
         (["serve", "--bogus"], {}, "--bogus"),
+        (["serve", "--host", ""], {}, "--host is empty"),
+        (["serve"], {"COMPTER_HOST": " "}, "COMPTER_HOST is empty"),
         (["frobnicate"], {}, "frobnicate"),
     ],
 )
@@ -137,6 +139,15 @@ def test_a_port_in_use_is_one_line_and_exit_2() -> None:
     assert result.returncode == 2
     assert "cannot listen" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_bad_store_is_named_before_the_port_is_taken() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = compter("serve", "--port", str(taken.getsockname()[1]), "--store", "mysql://db")
+    assert result.returncode == 2
+    assert "mysql://db" in result.stderr
 
 
 def test_version_and_help() -> None:

@@ -32,6 +32,11 @@ def test_rejects(given: object) -> None:
         parse_duration(given)
 
 
+def test_the_error_shows_the_value_as_json() -> None:
+    with pytest.raises(ValueError, match=r"^null is not a duration"):
+        parse_duration(None)
+
+
 @pytest.mark.parametrize("given", [10**400, f"{10**400}s"])
 def test_a_number_too_large_for_a_float_is_a_duration_error(given: object) -> None:
     with pytest.raises(ValueError, match="at most a year"):
