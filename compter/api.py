@@ -99,7 +99,7 @@ class ListQuery(BaseModel):
 
 
 class NoQuery(BaseModel):
-    """Endpoints whose every input is in the body: a query string there is a mistake."""
+    """Endpoints whose every input is in the path or the body: a query string there is a mistake."""
 
 
 class PaidModel(BaseModel):
@@ -213,6 +213,11 @@ def _query(model_class: type[M]) -> M:
     return model_class.model_validate(request.args.to_dict())
 
 
+def _no_query() -> None:
+    if request.args:
+        _query(NoQuery)
+
+
 def _location(debt: Debt) -> dict[str, str]:
     return {"Location": f"/debts/{debt.id}"}
 
@@ -239,8 +244,7 @@ debts = Blueprint("debts", __name__)
 @document_response(ErrorModel, 400)
 async def create_debt() -> Response:
     """Create a debt."""
-    if request.args:
-        _query(NoQuery)
+    _no_query()
     body = await _body(Definition)
     service = _service()
     debt = await service.create(body.changes(), request.headers.get("traceparent"))
@@ -264,8 +268,7 @@ async def list_debts() -> Response:
 @document_response(ErrorModel, 404)
 async def get_debt(debt_id: str) -> Response:
     """One debt."""
-    if request.args:
-        _query(NoQuery)
+    _no_query()
     service = _service()
     debt = await service.get(_debt_id(debt_id))
     return json_response(debt_json(debt, service.now()))
@@ -306,8 +309,7 @@ async def pay_debt(debt_id: str) -> Response:
 @document_response(ErrorModel, 404)
 async def delete_debt(debt_id: str) -> Response:
     """Delete a debt."""
-    if request.args:
-        _query(NoQuery)
+    _no_query()
     await _service().delete(_debt_id(debt_id))
     return no_content()
 

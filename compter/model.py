@@ -107,14 +107,11 @@ class Debt:
         return self.deadline
 
     def status(self, now: datetime) -> Status:
-        if self.final is not None:
-            return self.final
+        """The announced status, or what the watcher is about to announce once the deadline has passed."""
         deadline = self.deadline
-        if self.interval is not None:
-            return Status.OVERDUE if self.overdue or (deadline is not None and now >= deadline) else Status.OK
-        if self.timeout is not None:
-            return Status.TIMED_OUT if deadline is not None and now >= deadline else Status.OPEN
-        return Status.OK
+        if self.final is None and deadline is not None and now >= deadline:
+            return Status.OVERDUE if self.recurring else Status.TIMED_OUT
+        return self.announced_status
 
     @property
     def announced_status(self) -> Status:

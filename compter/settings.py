@@ -30,12 +30,13 @@ class Settings:
             variable = f"COMPTER_{name.upper()}"
             return environ.get(variable, default), variable
 
-        host, host_source = pick("host", defaults.host)
-        if not str(host).strip():
+        picked_host, host_source = pick("host", defaults.host)
+        host = str(picked_host).strip()
+        if not host:
             raise SettingsError(f"{host_source} is empty: give an address, such as 127.0.0.1 or 0.0.0.0")
         store, _ = pick("store", defaults.store)
         return cls(
-            host=str(host).strip(),
+            host=host,
             port=_integer(*pick("port", defaults.port), low=1, high=65535),
             store=str(store),
             workers=_integer(*pick("workers", defaults.workers), low=1, high=64),
