@@ -1,9 +1,7 @@
 """Assembles the Quart app around a service; the caller owns the store and telemetry."""
 
 import asyncio
-import contextlib
 import hmac
-from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from quart import Quart, Response, request
@@ -60,26 +58,20 @@ def create_app(
         return Response(body, content_type=content_type)
 
     if watch:
-        _run_while_serving(app, Watcher(service).run)
+        _watch_while_serving(app, Watcher(service))
     if api_token:
         _require_token(app, api_token)
     return app
 
 
-def _run_while_serving(app: Quart, task: Callable[[], Awaitable[None]]) -> None:
-    running: list[asyncio.Future[None]] = []
-
+def _watch_while_serving(app: Quart, watcher: Watcher) -> None:
     @app.before_serving
     async def start() -> None:
-        running.append(asyncio.ensure_future(task()))
+        watcher.start()
 
     @app.after_serving
     async def stop() -> None:
-        for pending in running:
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pending
-        running.clear()
+        await watcher.stop()
 
 
 def _require_token(app: Quart, token: str) -> None:

@@ -63,6 +63,8 @@ class Watcher:
         self._gauges_loaded_at = -float("inf")
         self._wake = asyncio.Event()
         self._wake_at: datetime | None = None
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
         service.on_due(self._consider)
 
     @property
@@ -70,11 +72,27 @@ class Watcher:
         """Whether this process watches the deadlines (and reports the gauges) of the store."""
         return self._holding
 
-    async def run(self) -> None:
+    def start(self) -> None:
+        """Watch in the background until `stop`."""
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        """Ask the loop to end as well as cancelling it: a library may swallow the cancellation.
+
+        redis-py's writes go through Python 3.11's asyncio.wait_for, which loses a cancellation
+        that arrives as the write completes; the loop then ends at its next step instead.
+        """
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task})  # not `await self._task`, which would swallow our own cancellation
+
+    async def _run(self) -> None:
         failing_since: float | None = None
         warned_at = -float("inf")
         try:
-            while True:
+            while not self._stopping:
                 # Cleared before the sweep, so a due time given while it runs still wakes the next sleep.
                 self._wake.clear()
                 self._wake_at = None
@@ -105,7 +123,8 @@ class Watcher:
     async def _release(self) -> None:
         """Hand the lease over on the way out, so another process watches at once rather than after its ttl."""
         try:
-            await asyncio.wait_for(self._service.store.release_lease(self._holder), RELEASE_TIMEOUT_S)
+            async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                await self._service.store.release_lease(self._holder)
         except (StoreUnavailable, TimeoutError) as error:
             log.warning(
                 "watcher: could not release the lease (%s); another process takes it within %.0f s",
@@ -142,8 +161,9 @@ class Watcher:
         if next_due is not None:
             until_due = max(0.0, (next_due - self._service.now()).total_seconds())
             timeout = until_due if timeout is None else min(timeout, until_due)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+        with contextlib.suppress(TimeoutError):  # asyncio.timeout: wait_for may lose a cancellation on 3.11
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
 
     def _consider(self, due: datetime) -> None:
         if self._wake_at is None or due < self._wake_at:

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -11,6 +12,7 @@ import pytest
 from compter.errors import StoreUnavailable
 from compter.model import EventKind, PaymentRequest
 from compter.service import Service
+from compter.store import store_from_url
 from compter.store.memory import MemoryStore
 from compter.watcher import Watcher
 from tests.fakes import RecordingTelemetry
@@ -37,13 +39,12 @@ def real_time() -> tuple[Service, RecordingTelemetry, CountingStore]:
 
 @contextlib.asynccontextmanager
 async def watching(service: Service) -> AsyncIterator[None]:
-    task = asyncio.create_task(Watcher(service).run())
+    watcher = Watcher(service)
+    watcher.start()
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await watcher.stop()
 
 
 async def wait_for_event(telemetry: RecordingTelemetry, kind: EventKind, timeout_s: float = 3) -> float:
@@ -134,7 +135,7 @@ async def test_only_the_lease_holder_acts_and_reports_gauges() -> None:
     service = Service(store, telemetry)
     debt = await service.create({"interval": 0.1})
     watcher = Watcher(service, holder="this process", poll_s=0.05)
-    task = asyncio.create_task(watcher.run())
+    watcher.start()
     try:
         await asyncio.sleep(0.4)
         assert not watcher.holding
@@ -151,9 +152,7 @@ async def test_only_the_lease_holder_acts_and_reports_gauges() -> None:
         await wait_until(lambda: not watcher.holding)
         assert telemetry.tracked is None
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await watcher.stop()
 
 
 async def test_a_shared_store_is_polled_for_due_times_set_by_other_processes() -> None:
@@ -208,3 +207,44 @@ async def test_a_store_outage_is_logged_once_then_its_end(caplog: pytest.LogCapt
         await wait_until(lambda: "answers again" in caplog.text)
     outage = [record for record in caplog.records if "connection refused" in record.getMessage()]
     assert len(outage) == 1
+
+
+class CancellationSwallowingStore(LeasedStore):
+    """Loses the first cancellation that arrives while it renews the lease, as redis-py's writes on 3.11 can."""
+
+    swallowed = False
+
+    async def hold_lease(self, holder: str, ttl_s: float) -> bool:
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            if self.swallowed:
+                raise
+            self.swallowed = True
+        return await super().hold_lease(holder, ttl_s)
+
+
+async def test_stops_even_when_the_store_swallows_the_cancellation() -> None:
+    store = CancellationSwallowingStore()
+    watcher = Watcher(Service(store, RecordingTelemetry()), poll_s=0.01)
+    watcher.start()
+    await wait_until(lambda: store.lease_holder is not None)
+    await asyncio.sleep(0.02)  # into a lease renewal
+    async with asyncio.timeout(1):
+        await watcher.stop()
+    assert store.swallowed
+    assert store.lease_holder is None, "it gave the lease back on the way out"
+
+
+async def test_stops_at_any_moment_on_every_store(store_url: str) -> None:
+    store = store_from_url(store_url)
+    await store.open()
+    try:
+        for _ in range(40):
+            watcher = Watcher(Service(store, RecordingTelemetry()), poll_s=0.005)
+            watcher.start()
+            await asyncio.sleep(random.uniform(0, 0.03))
+            async with asyncio.timeout(3):
+                await watcher.stop()
+    finally:
+        await store.close()

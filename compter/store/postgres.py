@@ -133,7 +133,8 @@ class PostgresStore:
         if pool is None:
             return
         try:
-            await asyncio.wait_for(pool.close(), OPERATION_TIMEOUT_S)
+            async with asyncio.timeout(OPERATION_TIMEOUT_S):
+                await pool.close()
         except (TimeoutError, *_DRIVER_ERRORS):
             pool.terminate()
 
