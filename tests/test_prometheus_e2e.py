@@ -172,3 +172,29 @@ def test_a_fleet_on_a_shared_store_raises_one_alert_per_debt(shared_store_url: s
         start_prometheus([one, two], tmp_path) as prometheus,
     ):
         miss_a_deadline_then_pay(prometheus, one, two)
+
+
+def test_overdue_debts_past_the_series_cap_are_still_alerted_on(tmp_path: Path) -> None:
+    with (
+        start_compter(env={"COMPTER_METRICS_MAX_DEBTS": "1"}) as compter,
+        start_prometheus([compter], tmp_path) as prometheus,
+    ):
+        ids = [
+            str(httpx.post(f"{compter.url}/debts", json={"name": f"capped-{n}", "interval": 1}).json()["id"])
+            for n in range(2)
+        ]
+
+        def overdue_ids() -> list[str]:
+            return [alert["labels"]["compter_debt_id"] for alert in prometheus.alerts("CompterDebtOverdue")]
+
+        prometheus.wait_for(lambda: overdue_ids() == ids[:1], "CompterDebtOverdue for the debt with series, only")
+
+        def unnamed() -> list[tuple[str, float]]:
+            alerts = prometheus.alerts("CompterOverdueDebtsWithoutSeries")
+            return [(alert["state"], float(alert["value"])) for alert in alerts]
+
+        # Pending, not firing: the rule waits 2 minutes, longer than this test.
+        prometheus.wait_for(lambda: unnamed() == [("pending", 1.0)], "the debt past the cap is counted")
+        assert httpx.post(f"{compter.url}/debts/{ids[1]}", json={"interval": "1h"}).json()["status"] == "ok"
+        prometheus.wait_for(lambda: unnamed() == [], "its payment clears the alert")
+        assert prometheus.unhealthy_rules() == []
