@@ -6,7 +6,7 @@ import re
 
 _UNITS_S = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 # ASCII digits only, and nothing around them: " 1h" or an Arabic-Indic digit is a typo, not a duration.
-_DURATION = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?", re.ASCII)
+_DURATION = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?")
 
 
 def parse_duration(value: object) -> float:

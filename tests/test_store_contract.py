@@ -5,6 +5,7 @@ Run one backend with `-k memory`, `-k sqlite`, `-k postgresql` or `-k redis`.
 
 import asyncio
 import dataclasses
+import random
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
@@ -15,6 +16,7 @@ from compter.errors import Invalid, StoreUnavailable
 from compter.model import MAX_ID, Debt, EventKind, Payment, PaymentRequest, Status, TraceContext, Transition
 from compter.service import Service
 from compter.store import Store, store_from_url
+from compter.watcher import Watcher
 from tests.fakes import T0, FakeClock, RecordingTelemetry
 
 SHARED_SCHEMES = {"postgresql", "redis"}
@@ -347,6 +349,16 @@ async def test_a_released_lease_is_taken_at_once_and_only_its_holder_releases_it
     assert await second.hold_lease("second", 60)
     assert not await first.hold_lease("first", 60)
     await second.release_lease("second")
+
+
+async def test_a_watcher_stops_at_any_moment(store: Store) -> None:
+    """Even inside a store call: a driver that loses the cancellation must not keep it running."""
+    for _ in range(40):
+        watcher = Watcher(Service(store, RecordingTelemetry()), poll_s=0.005)
+        watcher.start()
+        await asyncio.sleep(random.uniform(0, 0.03))
+        async with asyncio.timeout(3):
+            await watcher.stop()
 
 
 # --- concurrency, through the service ----------------------------------------------------------------

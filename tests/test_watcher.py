@@ -3,7 +3,6 @@
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -12,7 +11,6 @@ import pytest
 from compter.errors import StoreUnavailable
 from compter.model import EventKind, PaymentRequest
 from compter.service import Service
-from compter.store import store_from_url
 from compter.store.memory import MemoryStore
 from compter.watcher import Watcher
 from tests.fakes import RecordingTelemetry
@@ -234,17 +232,3 @@ async def test_stops_even_when_the_store_swallows_the_cancellation() -> None:
         await watcher.stop()
     assert store.swallowed
     assert store.lease_holder is None, "it gave the lease back on the way out"
-
-
-async def test_stops_at_any_moment_on_every_store(store_url: str) -> None:
-    store = store_from_url(store_url)
-    await store.open()
-    try:
-        for _ in range(40):
-            watcher = Watcher(Service(store, RecordingTelemetry()), poll_s=0.005)
-            watcher.start()
-            await asyncio.sleep(random.uniform(0, 0.03))
-            async with asyncio.timeout(3):
-                await watcher.stop()
-    finally:
-        await store.close()
