@@ -1,12 +1,14 @@
 """`compter serve` and friends."""
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
@@ -28,6 +30,9 @@ log = logging.getLogger("compter")
 
 # How long in-flight requests may take to finish after SIGTERM.
 GRACEFUL_TIMEOUT_S = 10.0
+# How long `--workers` gives its workers to exit once stopping: their requests in flight, the lease's
+# release and the telemetry flush, within the 30 s that systemd and Docker allow before SIGKILL.
+WORKER_STOP_DEADLINE_S = 25.0
 # Longer than clients keep idle connections (httpx 5 s, like Hypercorn's default), so that the server
 # never closes a kept-alive connection just as a client sends on it.
 KEEP_ALIVE_TIMEOUT_S = 75.0
@@ -151,33 +156,68 @@ def _worker(settings: Settings, listener: socket.socket) -> None:
 
 
 def _supervise(settings: Settings, listener: socket.socket) -> int:
-    """Run `settings.workers` serving processes; stop them all on a signal or when one dies."""
+    """Run `settings.workers` serving processes until they have all exited; the highest exit code."""
     context = multiprocessing.get_context("spawn")
-    workers: list[BaseProcess] = []
-    stopping = False
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-        for worker in workers:
-            if worker.is_alive() and worker.pid is not None:
-                os.kill(worker.pid, signal.SIGTERM)
-
+    workers = Workers(
+        [context.Process(target=_worker, args=(settings, listener), daemon=True) for _ in range(settings.workers)]
+    )
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, stop)
-    for _ in range(settings.workers):
-        worker = context.Process(target=_worker, args=(settings, listener), daemon=True)
-        worker.start()
-        workers.append(worker)
-    log.info("compter supervising %d workers (pids %s)", len(workers), ", ".join(str(w.pid) for w in workers))
-    while any(worker.is_alive() for worker in workers):
-        wait([worker.sentinel for worker in workers if worker.is_alive()])
-        failed = [worker for worker in workers if worker.exitcode not in (None, 0)]
-        if failed and not stopping:
-            log.error("worker %s exited with %s: stopping the others", failed[0].pid, failed[0].exitcode)
-            stop(signal.SIGTERM, None)
-    listener.close()
-    return max((abs(worker.exitcode or 0) for worker in workers), default=0)
+        signal.signal(signum, workers.stop)
+    workers.start()
+    try:
+        return workers.wait()
+    finally:
+        listener.close()
+
+
+class Workers:
+    """Processes that live and stop together: on a signal, or when one of them dies.
+
+    Once stopping, they have `stop_deadline_s` to exit before they are killed, so that the
+    supervisor ends before a service manager's own stop timeout (30 s for systemd and Docker).
+    """
+
+    def __init__(self, processes: Sequence[BaseProcess], stop_deadline_s: float = WORKER_STOP_DEADLINE_S) -> None:
+        self._processes = processes
+        self._stop_deadline_s = stop_deadline_s
+        self._stop_by: float | None = None
+
+    def start(self) -> None:
+        for process in self._processes:
+            process.start()
+        log.info("compter supervising %d workers (pids %s)", len(self._processes), self._pids(self._processes))
+
+    def stop(self, signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
+        """Ask every worker to stop (a signal handler, hence the arguments)."""
+        if self._stop_by is None:
+            self._stop_by = time.monotonic() + self._stop_deadline_s
+        for process in self._processes:
+            # Suppressed: a worker reaped by `wait` just before this handler interrupted it.
+            if process.is_alive() and process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
+
+    def wait(self) -> int:
+        """Until every worker has exited; the highest exit code (a signal's number when killed by one)."""
+        # One look per round: a second look could find none alive and wait on nothing.
+        while alive := [process for process in self._processes if process.is_alive()]:
+            if self._stop_by is not None and time.monotonic() >= self._stop_by:
+                log.error("workers %s did not stop within %g s: killing them", self._pids(alive), self._stop_deadline_s)
+                for process in alive:
+                    process.kill()
+                    process.join()
+                continue
+            # A second at most, so that a deadline set by a signal meanwhile is kept.
+            wait([process.sentinel for process in alive], timeout=1.0)
+            failed = [process for process in self._processes if process.exitcode not in (None, 0)]
+            if failed and self._stop_by is None:
+                log.error("worker %s exited with %s: stopping the others", failed[0].pid, failed[0].exitcode)
+                self.stop()
+        return max(abs(process.exitcode or 0) for process in self._processes)
+
+    @staticmethod
+    def _pids(processes: Sequence[BaseProcess]) -> str:
+        return ", ".join(str(process.pid) for process in processes)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

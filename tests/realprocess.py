@@ -29,10 +29,13 @@ class RunningCompter:
     log: "tempfile._TemporaryFileWrapper[str]"
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15) -> int:
-        """Send `sig` and wait for the exit code."""
+        """Send `sig` and wait for the exit code; a process that does not stop fails the test with its log."""
         if self.process.poll() is None:
             self.process.send_signal(sig)
-        return self.process.wait(timeout_s)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"compter did not stop within {timeout_s} s of {sig!r}:\n{self.output()}") from None
 
     def output(self) -> str:
         """Everything the process wrote so far (stdout and stderr)."""

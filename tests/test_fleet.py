@@ -1,6 +1,7 @@
 """Many `compter serve` processes on one PostgreSQL or Redis store behave as one service."""
 
 import asyncio
+import os
 import re
 import signal
 import time
@@ -123,6 +124,18 @@ def test_workers_share_the_port_and_the_store_and_stop_cleanly(shared_store_url:
         assert httpx.get(server.url + path).json()["payments"] == PAYERS * PAYMENTS_EACH
         assert server.stop(signal.SIGTERM) == 0
         assert "Traceback" not in server.output()
+
+
+def test_when_a_worker_dies_the_other_is_stopped_and_compter_exits_non_zero(shared_store_url: str) -> None:
+    with start_compter("--store", shared_store_url, "--workers", "2") as server:
+        pids = re.search(r"supervising 2 workers \(pids (\d+), (\d+)\)", server.output())
+        assert pids, server.output()
+        killed, other = (int(pid) for pid in pids.groups())
+        os.kill(killed, signal.SIGKILL)
+        assert server.process.wait(15) == signal.SIGKILL
+        assert f"worker {killed} exited with -9: stopping the others" in server.output()
+        with pytest.raises(ProcessLookupError):
+            os.kill(other, 0)
 
 
 @pytest.mark.parametrize("store", ["memory://", "sqlite:///tmp/compter-workers.db"])

@@ -1,0 +1,92 @@
+"""`--workers`' supervisor: its workers live and stop together, within a deadline."""
+
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
+from typing import cast
+
+from compter.cli import Workers
+
+spawn = multiprocessing.get_context("spawn")
+
+
+def ignore_sigterm(ready: Event) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ready.set()
+    time.sleep(60)
+
+
+def exit_cleanly_on_sigterm(ready: Event) -> None:
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    ready.set()
+    time.sleep(60)
+
+
+def fail(ready: Event) -> None:
+    ready.set()
+    sys.exit(3)
+
+
+def started(*targets: Callable[[Event], None]) -> tuple[Workers, list[BaseProcess]]:
+    """Workers running `targets`, each past its set-up (the Event it is given and sets)."""
+    ready = [spawn.Event() for _ in targets]
+    processes = [
+        spawn.Process(target=target, args=(event,), daemon=True) for target, event in zip(targets, ready, strict=True)
+    ]
+    workers = Workers(processes, stop_deadline_s=0.5)
+    workers.start()
+    for event in ready:
+        assert event.wait(10), "a worker did not start"
+    return workers, processes
+
+
+class SeenAliveOnce:
+    """A worker that exits, with all its siblings, just after the supervisor first sees one alive."""
+
+    world_alive = True
+
+    def __init__(self) -> None:
+        read, write = os.pipe()
+        os.close(write)
+        self.sentinel = read  # at end of file: ready, like the sentinel of a process that has exited
+        self.pid = None
+
+    def is_alive(self) -> bool:
+        alive, SeenAliveOnce.world_alive = SeenAliveOnce.world_alive, False
+        return alive
+
+    @property
+    def exitcode(self) -> int | None:
+        return None if SeenAliveOnce.world_alive else 0
+
+
+def test_workers_that_exit_while_the_supervisor_looks_do_not_leave_it_waiting_forever() -> None:
+    workers = Workers(cast(list[BaseProcess], [SeenAliveOnce(), SeenAliveOnce()]))
+    outcome: list[int] = []
+    waiting = threading.Thread(target=lambda: outcome.append(workers.wait()), daemon=True)
+    waiting.start()
+    waiting.join(5)
+    assert outcome == [0], "the supervisor still waits for workers that have all exited"
+
+
+def test_when_one_worker_fails_the_others_are_stopped_and_its_exit_code_is_the_supervisors() -> None:
+    workers, (failing, other) = started(fail, exit_cleanly_on_sigterm)
+    started_at = time.monotonic()
+    assert workers.wait() == 3
+    assert time.monotonic() - started_at < 5
+    assert (failing.exitcode, other.exitcode) == (3, 0)
+
+
+def test_workers_that_do_not_stop_are_killed_at_the_deadline() -> None:
+    workers, processes = started(ignore_sigterm, exit_cleanly_on_sigterm)
+    stopping_at = time.monotonic()
+    workers.stop()
+    assert workers.wait() == signal.SIGKILL
+    assert 0.5 <= time.monotonic() - stopping_at < 3
+    assert [process.exitcode for process in processes] == [-signal.SIGKILL, 0]
