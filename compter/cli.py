@@ -181,6 +181,7 @@ class Workers:
         self._processes = processes
         self._stop_deadline_s = stop_deadline_s
         self._stop_by: float | None = None
+        self._first_failed: BaseProcess | None = None
 
     def start(self) -> None:
         for process in self._processes:
@@ -198,7 +199,10 @@ class Workers:
                     os.kill(process.pid, signal.SIGTERM)
 
     def wait(self) -> int:
-        """Until every worker has exited; the highest exit code (a signal's number when killed by one)."""
+        """Until every worker has exited; the exit code of the first that failed, else the highest.
+
+        A worker killed by a signal counts as that signal's number.
+        """
         # One look per round: a second look could find none alive and wait on nothing.
         while alive := [process for process in self._processes if process.is_alive()]:
             if self._stop_by is not None and time.monotonic() >= self._stop_by:
@@ -212,7 +216,11 @@ class Workers:
             failed = [process for process in self._processes if process.exitcode not in (None, 0)]
             if failed and self._stop_by is None:
                 log.error("worker %s exited with %s: stopping the others", failed[0].pid, failed[0].exitcode)
+                self._first_failed = failed[0]
                 self.stop()
+        # The cause, not how the others took being stopped (one still starting dies of the SIGTERM).
+        if self._first_failed is not None:
+            return abs(self._first_failed.exitcode or 0)
         return max(abs(process.exitcode or 0) for process in self._processes)
 
     @staticmethod

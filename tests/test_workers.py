@@ -28,6 +28,12 @@ def exit_cleanly_on_sigterm(ready: Event) -> None:
     time.sleep(60)
 
 
+def sleep(ready: Event) -> None:
+    """Like a worker still starting: SIGTERM's default action ends it."""
+    ready.set()
+    time.sleep(60)
+
+
 def fail(ready: Event) -> None:
     ready.set()
     sys.exit(3)
@@ -76,11 +82,11 @@ def test_workers_that_exit_while_the_supervisor_looks_do_not_leave_it_waiting_fo
 
 
 def test_when_one_worker_fails_the_others_are_stopped_and_its_exit_code_is_the_supervisors() -> None:
-    workers, (failing, other) = started(fail, exit_cleanly_on_sigterm)
+    workers, (failing, clean, killed) = started(fail, exit_cleanly_on_sigterm, sleep)
     started_at = time.monotonic()
     assert workers.wait() == 3
     assert time.monotonic() - started_at < 5
-    assert (failing.exitcode, other.exitcode) == (3, 0)
+    assert (failing.exitcode, clean.exitcode, killed.exitcode) == (3, 0, -signal.SIGTERM)
 
 
 def test_workers_that_do_not_stop_are_killed_at_the_deadline() -> None:
