@@ -156,7 +156,7 @@ def _worker(settings: Settings, listener: socket.socket) -> None:
 
 
 def _supervise(settings: Settings, listener: socket.socket) -> int:
-    """Run `settings.workers` serving processes until they have all exited; the highest exit code."""
+    """Run `settings.workers` serving processes until they have all exited; the exit code `Workers.wait` gives."""
     context = multiprocessing.get_context("spawn")
     workers = Workers(
         [context.Process(target=_worker, args=(settings, listener), daemon=True) for _ in range(settings.workers)]
@@ -201,7 +201,7 @@ class Workers:
     def wait(self) -> int:
         """Until every worker has exited; the exit code of the first that failed, else the highest.
 
-        A worker killed by a signal counts as that signal's number.
+        A worker killed by a signal counts as that signal's number, except the SIGTERM of a stop.
         """
         # One look per round: a second look could find none alive and wait on nothing.
         while alive := [process for process in self._processes if process.is_alive()]:
@@ -218,10 +218,13 @@ class Workers:
                 log.error("worker %s exited with %s: stopping the others", failed[0].pid, failed[0].exitcode)
                 self._first_failed = failed[0]
                 self.stop()
-        # The cause, not how the others took being stopped (one still starting dies of the SIGTERM).
+        # The cause, not how the others took being stopped.
         if self._first_failed is not None:
             return abs(self._first_failed.exitcode or 0)
-        return max(abs(process.exitcode or 0) for process in self._processes)
+        # A worker still starting has no handler yet, and dies of the SIGTERM it was sent: stopped as asked.
+        return max(
+            0 if process.exitcode == -signal.SIGTERM else abs(process.exitcode or 0) for process in self._processes
+        )
 
     @staticmethod
     def _pids(processes: Sequence[BaseProcess]) -> str:

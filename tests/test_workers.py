@@ -89,6 +89,13 @@ def test_when_one_worker_fails_the_others_are_stopped_and_its_exit_code_is_the_s
     assert (failing.exitcode, clean.exitcode, killed.exitcode) == (3, 0, -signal.SIGTERM)
 
 
+def test_stopped_workers_exit_0_even_those_that_die_of_the_sigterm() -> None:
+    workers, processes = started(exit_cleanly_on_sigterm, sleep)
+    workers.stop()
+    assert workers.wait() == 0
+    assert [process.exitcode for process in processes] == [0, -signal.SIGTERM]
+
+
 def test_workers_that_do_not_stop_are_killed_at_the_deadline() -> None:
     workers, processes = started(ignore_sigterm, exit_cleanly_on_sigterm)
     stopping_at = time.monotonic()
