@@ -1,9 +1,11 @@
 """The HTTP API: routes, request and response models, and the one error table."""
 
+import inspect
 import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -13,16 +15,18 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    RootModel,
     StrictBool,
     StrictStr,
     ValidationError,
+    WithJsonSchema,
 )
 from quart import Blueprint, Quart, Response, current_app, request
-from quart_schema import document_querystring, document_request, document_response
+from quart_schema import OpenAPIProvider, document_querystring, document_request, document_response
 from werkzeug.exceptions import HTTPException
 
 from compter import model
-from compter.durations import parse_duration
+from compter.durations import DURATION_PATTERN, parse_duration
 from compter.errors import CompterError, Invalid, NotFound, StoreUnavailable
 from compter.model import Debt, PaymentRequest, Status, rfc3339
 from compter.service import Service
@@ -34,11 +38,25 @@ _ID = re.compile(r"0*[0-9]{1,19}")
 _STATUS_OF: dict[type[CompterError], int] = {Invalid: 400, NotFound: 404, StoreUnavailable: 503}
 
 M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R", bound=Callable[..., Any])
+
+
+def _duration_schema(lowest: Literal["exclusiveMinimum", "minimum"]) -> WithJsonSchema:
+    """What the document says of a duration: pydantic would say a float, with limits no JSON Schema tool reads."""
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", lowest: 0, "maximum": model.YEAR_S},
+                {"type": "string", "pattern": DURATION_PATTERN, "minLength": 2},
+            ],
+            "description": 'seconds, or a string like "90s", "1h30m", "2d"; at most a year',
+        }
+    )
+
+
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
-Interval = Annotated[
-    Seconds, Field(gt=0, le=model.YEAR_S, description='seconds, or a string like "90s", "1h30m", "2d"')
-]
-Grace = Annotated[Seconds, Field(ge=0, le=model.YEAR_S, description='seconds, or a string like "90s", "1h30m", "2d"')]
+Interval = Annotated[Seconds, Field(gt=0, le=model.YEAR_S), _duration_schema("exclusiveMinimum")]
+Grace = Annotated[Seconds, Field(ge=0, le=model.YEAR_S), _duration_schema("minimum")]
 StageName = Annotated[StrictStr, Field(pattern=model.STAGE_NAME.pattern)]
 
 
@@ -92,10 +110,24 @@ def _digits(value: object) -> object:
 Digits = BeforeValidator(_digits)
 
 
+Limit = Annotated[
+    int,
+    Digits,
+    Field(ge=1, le=model.MAX_ID),
+    WithJsonSchema({"type": "integer", "minimum": 1, "maximum": model.MAX_ID}),
+]
+After = Annotated[
+    int,
+    Digits,
+    Field(ge=0, le=model.MAX_ID),
+    WithJsonSchema({"type": "integer", "minimum": 0, "maximum": model.MAX_ID}),
+]
+
+
 class ListQuery(BaseModel):
     status: Status | None = None
-    limit: Annotated[int, Digits, Field(ge=1, le=model.MAX_ID)] | None = None
-    after: Annotated[int, Digits, Field(ge=0, le=model.MAX_ID)] | None = None
+    limit: Limit | None = None
+    after: After | None = None
 
 
 class NoQuery(BaseModel):
@@ -108,6 +140,8 @@ class PaidModel(BaseModel):
 
 
 class DebtModel(BaseModel):
+    """The debt, as it is now."""
+
     id: int
     name: str | None
     created: str
@@ -122,8 +156,46 @@ class DebtModel(BaseModel):
     status: Status
 
 
+class DebtList(RootModel[list[DebtModel]]):
+    """The debts, ordered by id."""
+
+
+class StatusModel(BaseModel):
+    """It is: the process serves (/healthz), or its store answers too (/readyz)."""
+
+    status: str
+
+
 class ErrorModel(BaseModel):
+    """What went wrong, as a sentence a person can act on."""
+
     error: str
+
+
+class NoContent:
+    """No body."""
+
+
+class ApiDocument(OpenAPIProvider):
+    """quart-schema's OpenAPI document, where a response documented with NoContent has no body."""
+
+    def build_response_object(
+        self, model: type[Any], headers_model: type[Any] | None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        if model is NoContent:
+            return {"description": inspect.getdoc(NoContent)}, {}
+        return super().build_response_object(model, headers_model)
+
+
+def _document_errors(*statuses: int) -> Callable[[R], R]:
+    """Document the error responses a route may give, each an ErrorModel; every route may answer 503."""
+
+    def decorate(route: R) -> R:
+        for status in (*statuses, 503):
+            route = document_response(ErrorModel, status)(route)
+        return route
+
+    return decorate
 
 
 def _seconds(value: float | None) -> float | int | None:
@@ -241,7 +313,7 @@ debts = Blueprint("debts", __name__)
 @debts.post("/debts")
 @document_request(Definition)
 @document_response(DebtModel, 201)
-@document_response(ErrorModel, 400)
+@_document_errors(400, 413)
 async def create_debt() -> Response:
     """Create a debt."""
     _no_query()
@@ -253,7 +325,8 @@ async def create_debt() -> Response:
 
 @debts.get("/debts")
 @document_querystring(ListQuery)
-@document_response(list[DebtModel])
+@document_response(DebtList)
+@_document_errors(400)
 async def list_debts() -> Response:
     """List debts, ordered by id."""
     query = _query(ListQuery)
@@ -265,7 +338,7 @@ async def list_debts() -> Response:
 
 @debts.get("/debts/<debt_id>")
 @document_response(DebtModel)
-@document_response(ErrorModel, 404)
+@_document_errors(400, 404)
 async def get_debt(debt_id: str) -> Response:
     """One debt."""
     _no_query()
@@ -279,7 +352,7 @@ async def get_debt(debt_id: str) -> Response:
 @document_request(PaymentBody)
 @document_response(DebtModel, 200)
 @document_response(DebtModel, 201)
-@document_response(ErrorModel, 404)
+@_document_errors(400, 404, 413)
 async def pay_debt(debt_id: str) -> Response:
     """Pay a debt; a payment carrying `interval` or `timeout` re-creates a lost debt (201)."""
     parsed_id = _debt_id(debt_id)
@@ -306,7 +379,8 @@ async def pay_debt(debt_id: str) -> Response:
 
 
 @debts.delete("/debts/<debt_id>")
-@document_response(ErrorModel, 404)
+@document_response(NoContent, 204)
+@_document_errors(400, 404)
 async def delete_debt(debt_id: str) -> Response:
     """Delete a debt."""
     _no_query()
@@ -318,12 +392,15 @@ operations = Blueprint("operations", __name__)
 
 
 @operations.get("/healthz")
+@document_response(StatusModel)
 async def healthz() -> Response:
     """200 while the process serves."""
     return json_response({"status": "ok"})
 
 
 @operations.get("/readyz")
+@document_response(StatusModel)
+@_document_errors()
 async def readyz() -> Response:
     """200 when the store answers, 503 when it does not."""
     await _service().store.ping()

@@ -8,7 +8,7 @@ from quart import Quart, Response, request
 from quart_schema import QuartSchema
 
 from compter import __version__
-from compter.api import MAX_BODY_BYTES, debts, error_response, no_content, operations, register_errors
+from compter.api import MAX_BODY_BYTES, ApiDocument, debts, error_response, no_content, operations, register_errors
 from compter.service import Service
 from compter.watcher import Watcher
 
@@ -38,6 +38,7 @@ def create_app(
         info={"title": "Compter", "version": __version__},
         redoc_ui_path=None,
         scalar_ui_path=None,
+        openapi_provider_class=ApiDocument,
     )
     app.register_blueprint(debts)
     app.register_blueprint(operations)

@@ -6,7 +6,9 @@ import re
 
 _UNITS_S = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 # ASCII digits only, and nothing around them: " 1h" or an Arabic-Indic digit is a typo, not a duration.
-_DURATION = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?")
+_DURATION = re.compile("".join(f"(?:([0-9]+){unit})?" for unit in _UNITS_S))
+# The same, for the OpenAPI document (a JSON Schema pattern is searched, not matched whole).
+DURATION_PATTERN = f"^{_DURATION.pattern}$"
 
 
 def parse_duration(value: object) -> float:
@@ -22,9 +24,12 @@ def parse_duration(value: object) -> float:
         if isinstance(value, str):
             match = _DURATION.fullmatch(value)
             if match and any(match.groups()):
-                return float(sum(int(n) * _UNITS_S[unit] for n, unit in zip(match.groups(), "dhms", strict=False) if n))
-    except OverflowError:
-        raise ValueError("a duration must be at most a year") from None
+                return float(
+                    sum(int(n) * _UNITS_S[unit] for n, unit in zip(match.groups(), _UNITS_S, strict=True) if n)
+                )
+    except OverflowError:  # an integer, or a string's sum, past a float's range
+        negative = isinstance(value, int) and value < 0
+        raise ValueError("a duration cannot be negative" if negative else "a duration must be at most a year") from None
     raise ValueError(f'{_shown(value)} is not a duration: use seconds (90) or a string like "90s", "1h30m" or "2d"')
 
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 import time
 from typing import Any
 
@@ -179,6 +180,52 @@ async def test_operations_endpoints(client: Client) -> None:
     docs = await client.get("/docs")
     assert docs.status_code == 200
     assert "/openapi.json" in (await docs.get_data(as_text=True))
+
+
+def json_schema_keys(node: object) -> set[str]:
+    """Every key used anywhere in a JSON document."""
+    if isinstance(node, dict):
+        return set(node).union(*(json_schema_keys(value) for value in node.values()))
+    if isinstance(node, list):
+        return set().union(*(json_schema_keys(value) for value in node))
+    return set()
+
+
+async def test_the_openapi_document_gives_every_status_and_durations_as_the_api_takes_them(client: Client) -> None:
+    _, document, _ = await call(client, "GET", "/openapi.json")
+    responses = {
+        (method.upper(), path): operation["responses"]
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+    }
+    assert {route: sorted(statuses) for route, statuses in responses.items() if route[1].startswith("/debts")} == {
+        ("GET", "/debts"): ["200", "400", "503"],
+        ("POST", "/debts"): ["201", "400", "413", "503"],
+        ("GET", "/debts/{debt_id}"): ["200", "400", "404", "503"],
+        ("POST", "/debts/{debt_id}"): ["200", "201", "400", "404", "413", "503"],
+        ("DELETE", "/debts/{debt_id}"): ["204", "400", "404", "503"],
+    }
+    assert "content" not in responses["DELETE", "/debts/{debt_id}"]["204"]
+    assert responses["GET", "/debts"]["200"]["description"] == "The debts, ordered by id."
+    assert responses["POST", "/debts"]["400"]["content"]["application/json"]["schema"]["required"] == ["error"]
+    # pydantic writes its own names for limits past a validator; JSON Schema tools read only these.
+    assert not json_schema_keys(document) & {"gt", "ge", "lt", "le"}
+    body = document["paths"]["/debts"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    for field in ("interval", "grace", "timeout"):
+        kinds = {kind["type"]: kind for kind in alternatives(body["properties"][field])}
+        assert set(kinds) == {"number", "string", "null"} - ({"null"} if field == "grace" else set())
+        assert re.search(kinds["string"]["pattern"], "1h30m")
+        assert not re.search(kinds["string"]["pattern"], "1.5h")
+        assert kinds["number"]["maximum"] == 365 * 24 * 3600
+    assert "exclusiveMinimum" in json_schema_keys(body["properties"]["interval"])
+    assert "minimum" in json_schema_keys(body["properties"]["grace"])
+
+
+def alternatives(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """The alternatives of a schema, `anyOf`s flattened."""
+    if "anyOf" not in schema:
+        return [schema]
+    return [kind for alternative in schema["anyOf"] for kind in alternatives(alternative)]
 
 
 async def test_readyz_is_503_when_the_store_does_not_answer(client: Client, service: Service) -> None:

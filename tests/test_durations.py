@@ -41,3 +41,8 @@ def test_the_error_shows_the_value_as_json() -> None:
 def test_a_number_too_large_for_a_float_is_a_duration_error(given: object) -> None:
     with pytest.raises(ValueError, match="at most a year"):
         parse_duration(given)
+
+
+def test_a_negative_number_too_large_for_a_float_is_said_to_be_negative() -> None:
+    with pytest.raises(ValueError, match="cannot be negative"):
+        parse_duration(-(10**400))

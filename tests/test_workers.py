@@ -52,33 +52,42 @@ def started(*targets: Callable[[Event], None]) -> tuple[Workers, list[BaseProces
     return workers, processes
 
 
-class SeenAliveOnce:
-    """A worker that exits, with all its siblings, just after the supervisor first sees one alive."""
+class Siblings:
+    """Workers that all exit just after the supervisor first sees one of them alive."""
 
-    world_alive = True
-
-    def __init__(self) -> None:
+    def __init__(self, count: int) -> None:
+        self.alive = True
         read, write = os.pipe()
         os.close(write)
-        self.sentinel = read  # at end of file: ready, like the sentinel of a process that has exited
-        self.pid = None
+        self.sentinel = read  # at end of file, hence ready: like the sentinel of a process that has exited
+        self.workers = [SeenAliveOnce(self) for _ in range(count)]
+
+
+class SeenAliveOnce:
+    pid = None
+
+    def __init__(self, siblings: Siblings) -> None:
+        self._siblings = siblings
+        self.sentinel = siblings.sentinel
 
     def is_alive(self) -> bool:
-        alive, SeenAliveOnce.world_alive = SeenAliveOnce.world_alive, False
+        alive, self._siblings.alive = self._siblings.alive, False
         return alive
 
     @property
     def exitcode(self) -> int | None:
-        return None if SeenAliveOnce.world_alive else 0
+        return None if self._siblings.alive else 0
 
 
 def test_workers_that_exit_while_the_supervisor_looks_do_not_leave_it_waiting_forever() -> None:
-    workers = Workers(cast(list[BaseProcess], [SeenAliveOnce(), SeenAliveOnce()]))
+    siblings = Siblings(2)
+    workers = Workers(cast(list[BaseProcess], siblings.workers))
     outcome: list[int] = []
     waiting = threading.Thread(target=lambda: outcome.append(workers.wait()), daemon=True)
     waiting.start()
     waiting.join(5)
     assert outcome == [0], "the supervisor still waits for workers that have all exited"
+    os.close(siblings.sentinel)
 
 
 def test_when_one_worker_fails_the_others_are_stopped_and_its_exit_code_is_the_supervisors() -> None:

@@ -12,6 +12,8 @@ class MemoryStore:
     shared = False
 
     def __init__(self, url: str = "memory://") -> None:
+        if url.lower() != "memory://":
+            raise ValueError(f"the memory store takes nothing after memory://, not {url!r}")
         self._debts: dict[int, Debt] = {}
         # (due, id) pairs; an entry whose debt no longer has that due time is stale and skipped.
         self._due: list[tuple[datetime, int]] = []

@@ -14,6 +14,7 @@ writes the debt and its indexes only if the debt is still the text that was read
 
 import asyncio
 import contextlib
+import re
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
@@ -88,6 +89,11 @@ class RedisStore:
         self._url = url
         parts = urlsplit(url)
         self._password = unquote(parts.password) if parts.password else None
+        if not re.fullmatch(r"/?|/[0-9]+", parts.path):
+            # redis-py would quietly use database 0 for any other path.
+            raise ValueError(
+                f"cannot use the redis store URL {redact(url)}: its path must be a database number, like /0"
+            )
         options = parse_qsl(parts.query, keep_blank_values=True)
         prefix = dict(options).get("prefix", DEFAULT_PREFIX)
         driver_url = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in options if k != "prefix"])))
