@@ -13,6 +13,7 @@ from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 
+from opentelemetry import metrics
 from opentelemetry._logs import LoggerProvider, SeverityNumber
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
@@ -52,13 +53,51 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _W3C = TraceContextTextMapPropagator()
 
 
-def metric_views(max_debts: int) -> list[View]:
-    """Views that let the SDK hold Compter's per-debt series (its own default limit is 2,000).
+# Room in each instrument for this many series per debt of the cap: a debt's bare payments and three
+# named stages, say, or a few renames. Each costs the SDK about 1.5 KB.
+SERIES_PER_DEBT = 4
 
-    Twice the cap, because a renamed debt or a multi-stage debt's named payments
-    add series of their own; past that the SDK's overflow series keeps the totals.
+
+def metric_views(max_debts: int) -> list[View]:
+    """Views that let the SDK hold every series Compter hands out (its own default limit is 2,000).
+
+    Compter counts each instrument's series itself (Bounded), so that the SDK never folds a
+    series into its overflow series without the log saying so; the + 1 is that overflow series.
     """
-    return [View(instrument_name="compter.*", aggregation_cardinality_limit=2 * max_debts + 1)]
+    return [View(instrument_name="compter.*", aggregation_cardinality_limit=SERIES_PER_DEBT * max_debts + 1)]
+
+
+class Bounded:
+    """A counter or histogram with room for its share of series; past it, the overflow series, and one warning."""
+
+    def __init__(self, instrument: metrics.Counter | metrics.Histogram, name: str, max_debts: int) -> None:
+        self._measure = instrument.add if isinstance(instrument, metrics.Counter) else instrument.record
+        self._name = name
+        self._max_debts = max_debts
+        self._used: set[frozenset[tuple[str, AnyValue]]] = set()
+        self._warned = False
+
+    def measure(self, value: float, attributes: Mapping[str, AnyValue]) -> None:
+        self._measure(value, self._series(attributes))
+
+    def _series(self, attributes: Mapping[str, AnyValue]) -> Mapping[str, AnyValue]:
+        key = frozenset(attributes.items())
+        if attributes is OVERFLOW or key in self._used:
+            return attributes
+        if len(self._used) < SERIES_PER_DEBT * self._max_debts:
+            self._used.add(key)
+            return attributes
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "%s has %d series, the most that COMPTER_METRICS_MAX_DEBTS=%d allows (%d a debt): new series are "
+                'counted in the series labelled otel_metric_overflow="true", and the totals stay right',
+                self._name,
+                len(self._used),
+                self._max_debts,
+                SERIES_PER_DEBT,
+            )
+        return OVERFLOW
 
 
 class StoredIds(IdGenerator):
@@ -122,14 +161,31 @@ class Telemetry:
         self._admitted: set[int] = set()
         self._warned = False
         meter = meter_provider.get_meter("compter", __version__)
-        self._payments = meter.create_counter("compter.payments", "{payment}", "Payments received, per debt")
-        self._payoffs = meter.create_counter("compter.debt.payoffs", "{debt}", "Multi-stage debts paid off")
-        self._timeouts = meter.create_counter("compter.debt.timeouts", "{debt}", "Multi-stage debts that timed out")
-        self._duration = meter.create_histogram(
-            "compter.debt.duration", "s", "How long multi-stage debts took, from creation to payoff or timeout"
+
+        def bounded(
+            create: Callable[[str, str, str], metrics.Counter | metrics.Histogram],
+            name: str,
+            unit: str,
+            description: str,
+        ) -> Bounded:
+            return Bounded(create(name, unit, description), name, max_debts)
+
+        self._payments = bounded(meter.create_counter, "compter.payments", "{payment}", "Payments received, per debt")
+        self._payoffs = bounded(meter.create_counter, "compter.debt.payoffs", "{debt}", "Multi-stage debts paid off")
+        self._timeouts = bounded(
+            meter.create_counter, "compter.debt.timeouts", "{debt}", "Multi-stage debts that timed out"
         )
-        self._stage_duration = meter.create_histogram(
-            "compter.stage.duration", "s", "How long each named stage took, from the previous payment"
+        self._duration = bounded(
+            meter.create_histogram,
+            "compter.debt.duration",
+            "s",
+            "How long multi-stage debts took, from creation to payoff or timeout",
+        )
+        self._stage_duration = bounded(
+            meter.create_histogram,
+            "compter.stage.duration",
+            "s",
+            "How long each named stage took, from the previous payment",
         )
         meter.create_observable_gauge(
             "compter.debt.overdue", [self._observe_overdue], "", "1 while a recurring debt is overdue, else 0"
@@ -184,11 +240,11 @@ class Telemetry:
         attributes = self._per_debt(debt)
         if attributes is not OVERFLOW and event.payment is not None:
             attributes = {**attributes, "compter.payment.name": event.payment}
-        self._payments.add(1, attributes)
+        self._payments.measure(1, attributes)
         if event.payment is None or event.since is None:
             return
         stage = _named({"compter.debt.name": debt.name, "compter.payment.name": event.payment})
-        self._stage_duration.record((event.at - event.since).total_seconds(), stage)
+        self._stage_duration.measure((event.at - event.since).total_seconds(), stage)
         if debt.trace is not None:
             span = self._tracer.start_span(
                 event.payment,
@@ -207,8 +263,8 @@ class Telemetry:
     def _debt_ended(self, event: Event, status: Status) -> None:
         debt = event.debt
         by_name = _named({"compter.debt.name": debt.name})
-        (self._payoffs if status is Status.PAID_OFF else self._timeouts).add(1, by_name)
-        self._duration.record((event.at - debt.created).total_seconds(), {**by_name, "compter.debt.status": status})
+        (self._payoffs if status is Status.PAID_OFF else self._timeouts).measure(1, by_name)
+        self._duration.measure((event.at - debt.created).total_seconds(), {**by_name, "compter.debt.status": status})
         if debt.trace is not None:
             self._end_trace(debt, debt.trace, event.at, status)
 

@@ -115,10 +115,9 @@ class Watcher:
                     failing_since, warned_at = None, -float("inf")
                 await self._sleep_until(next_due)
         finally:
-            if self._holding:
-                self._service.report_gauges(None)
-                if self._shared:
-                    await self._release()
+            # The gauges stay reported, for the flush at exit to carry; a new holder reports them from here on.
+            if self._holding and self._shared:
+                await self._release()
 
     async def _release(self) -> None:
         """Hand the lease over on the way out, so another process watches at once rather than after its ttl."""

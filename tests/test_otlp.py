@@ -119,6 +119,23 @@ def test_metrics_events_and_resource_reach_the_receiver(protocol: str) -> None:
         assert samples["compter_debt_count", frozenset({("compter_debt_status", "ok")})] == 1
 
 
+def test_the_flush_at_sigterm_carries_the_gauges() -> None:
+    """A process that stops before its first export interval still sends what /metrics showed."""
+    with receiver("http/protobuf") as (endpoint, received):
+        with start_compter(env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}) as compter:  # the default 60 s interval
+            debt_id = str(httpx.post(f"{compter.url}/debts", json={"interval": "1h"}).json()["id"])
+            httpx.post(f"{compter.url}/debts/{debt_id}")
+            assert compter.stop() == 0
+        assert received.latest("compter.payments") == {debt_id: 1}
+        assert received.latest("compter.debt.overdue") == {debt_id: 0}
+        assert debt_id in received.latest("compter.debt.deadline")
+        assert debt_id in received.latest("compter.debt.last_payment")
+        counts = {
+            point.attributes["compter.debt.status"]: point.value for point in received.last_export("compter.debt.count")
+        }
+        assert counts["ok"] == 1
+
+
 def test_otel_service_name_and_resource_attributes_win() -> None:
     env = otlp_env("", "http/protobuf") | {
         "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=staging,service.name=ignored,team=sre%20ops",

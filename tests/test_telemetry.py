@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from compter.model import PaymentRequest, rfc3339
 from compter.service import Service
 from compter.store.memory import MemoryStore
-from compter.telemetry import StoredIds, Telemetry, metric_views
+from compter.telemetry import OVERFLOW, StoredIds, Telemetry, metric_views
 from tests.fakes import FakeClock
 
 
@@ -308,6 +308,49 @@ async def test_past_the_cap_per_debt_series_stop_once_with_a_warning_and_totals_
     assert h.values("compter.debt.count")[frozenset({("compter.debt.status", "ok")})] == 5
     warnings = [record for record in caplog.records if "COMPTER_METRICS_MAX_DEBTS" in record.getMessage()]
     assert len(warnings) == 1
+
+
+async def test_debts_within_the_cap_keep_every_series_of_their_named_payments(caplog: pytest.LogCaptureFixture) -> None:
+    h = harness(max_debts=4)
+    h.telemetry.track([])
+    with caplog.at_level(logging.WARNING, logger="compter.telemetry"):
+        for debt_id in (101, 102, 103):
+            await h.service.pay(debt_id, pay(name=f"deploy-{debt_id}", timeout=900.0, stages=("a", "b", "c")))
+            for name in ("a", "b", "c"):
+                await h.service.pay(debt_id, stage(name))
+            await h.service.pay(debt_id, PaymentRequest({}, payoff=True))
+        nightly = await h.service.create({"name": "nightly-backup", "interval": 86400.0})
+        await h.service.pay(nightly.id, pay())
+    payments = h.values("compter.payments")
+    assert len(payments) == 3 * 4 + 1
+    assert h.by_debt("compter.payments").keys() == {"101", "102", "103", str(nightly.id)}
+    assert (
+        payments[
+            frozenset({("compter.debt.id", "103"), ("compter.debt.name", "deploy-103"), ("compter.payment.name", "c")})
+        ]
+        == 1
+    )
+    assert not caplog.records
+
+
+async def test_past_its_share_of_series_an_instrument_overflows_with_a_warning_and_totals_stay_right(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    h = harness(max_debts=1)
+    h.telemetry.track([])
+    stages = ("s1", "s2", "s3", "s4", "s5")
+    with caplog.at_level(logging.WARNING, logger="compter.telemetry"):
+        await h.service.pay(7, pay(name="deploy", timeout=900.0))
+        for name in stages:
+            await h.service.pay(7, stage(name))
+    payments = h.values("compter.payments")
+    assert len(payments) == 4 + 1  # the bare payment and three stages, then the overflow series
+    assert payments[frozenset(OVERFLOW.items())] == 2
+    assert sum(payments.values()) == 6
+    assert sum(h.values("compter.stage.duration").values()) == 5
+    warned = [record.getMessage() for record in caplog.records]
+    assert len([message for message in warned if message.startswith("compter.payments has 4 series")]) == 1
+    assert len([message for message in warned if message.startswith("compter.stage.duration has 4 series")]) == 1
 
 
 async def test_the_cap_goes_past_the_sdk_default_of_2000_series() -> None:

@@ -164,7 +164,7 @@ async def test_a_shared_store_is_polled_for_due_times_set_by_other_processes() -
         assert await wait_for_event(telemetry, EventKind.OVERDUE) < 1.0
 
 
-async def test_the_holder_of_a_single_process_store_reports_every_debt_at_start(
+async def test_the_holder_of_a_single_process_store_reports_every_debt_from_start_to_stop(
     real_time: tuple[Service, RecordingTelemetry, CountingStore],
 ) -> None:
     service, telemetry, _ = real_time
@@ -172,7 +172,8 @@ async def test_the_holder_of_a_single_process_store_reports_every_debt_at_start(
     async with watching(service):
         await wait_until(lambda: telemetry.tracked is not None)
         assert [debt.id for debt in telemetry.tracked or []] == [debt.id for debt in created]
-    assert telemetry.tracked is None
+    # Still reported once stopped, for the flush at exit to carry.
+    assert [debt.id for debt in telemetry.tracked or []] == [debt.id for debt in created]
 
 
 async def test_a_stopping_holder_gives_the_lease_back() -> None:
