@@ -207,6 +207,8 @@ class Telemetry:
                 self._debt_ended(event, Status.PAID_OFF)
             elif event.kind is EventKind.TIMED_OUT:
                 self._debt_ended(event, Status.TIMED_OUT)
+            elif event.kind is EventKind.DELETED and event.debt.trace is not None:
+                self._end_trace(event.debt, event.debt.trace, event.at, None)
         self._follow(events)
 
     def new_trace(self, traceparent: str | None) -> TraceContext:
@@ -268,8 +270,11 @@ class Telemetry:
         if debt.trace is not None:
             self._end_trace(debt, debt.trace, event.at, status)
 
-    def _end_trace(self, debt: Debt, trace: TraceContext, at: datetime, status: Status) -> None:
-        """Export the root span, under the ids stored with the debt, parented like the request that created it."""
+    def _end_trace(self, debt: Debt, trace: TraceContext, at: datetime, status: Status | None) -> None:
+        """Export the root span, under the ids stored with the debt, parented like the request that created it.
+
+        A status of None is a debt deleted while open: a cancelled run, not an error.
+        """
         action = cicd.CicdPipelineActionNameValues.RUN.value
         attributes: dict[str, AnyValue] = {
             **_span_attributes(debt, at),
@@ -281,6 +286,9 @@ class Telemetry:
         if status is Status.PAID_OFF:
             attributes[cicd.CICD_PIPELINE_RESULT] = cicd.CicdPipelineResultValues.SUCCESS.value
             span_status = SpanStatus(StatusCode.OK)
+        elif status is None:
+            attributes[cicd.CICD_PIPELINE_RESULT] = cicd.CicdPipelineResultValues.CANCELLATION.value
+            span_status = SpanStatus(StatusCode.UNSET)
         else:
             attributes[cicd.CICD_PIPELINE_RESULT] = cicd.CicdPipelineResultValues.TIMEOUT.value
             attributes[ERROR_TYPE] = "timeout"

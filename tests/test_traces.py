@@ -72,6 +72,22 @@ async def test_a_deploy_of_three_stages_is_one_trace_of_four_spans(h: Harness) -
         assert f"{log.log_record.span_id:016x}" == deploy.trace.span_id
 
 
+async def test_a_deploy_deleted_while_open_ends_its_trace_as_a_cancelled_run(h: Harness) -> None:
+    deploy = await h.service.create({"name": "deploy", "timeout": 600.0, "stages": ("build", "test")})
+    assert deploy.trace is not None
+    h.clock.advance(30)
+    await h.service.pay(deploy.id, stage("build"))
+    h.clock.advance(10)
+    await h.service.delete(deploy.id)
+    build, root = h.finished_spans()
+    assert hex_ids(build)[2] == hex_ids(root)[1] == deploy.trace.span_id
+    assert (root.start_time, root.end_time) == (nanoseconds(deploy.created), nanoseconds(h.clock.now))
+    assert root.status.status_code is StatusCode.UNSET
+    assert root.attributes is not None
+    assert root.attributes["cicd.pipeline.result"] == "cancellation"
+    assert sum(h.values("compter.debt.payoffs").values()) + sum(h.values("compter.debt.timeouts").values()) == 0
+
+
 async def test_a_timed_out_deploy_ends_its_trace_in_error_with_the_missing_stages(h: Harness) -> None:
     deploy = await h.service.create({"timeout": 600.0, "stages": ("build", "test", "release")})
     assert deploy.trace is not None
