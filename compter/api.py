@@ -110,24 +110,11 @@ def _digits(value: object) -> object:
 Digits = BeforeValidator(_digits)
 
 
-Limit = Annotated[
-    int,
-    Digits,
-    Field(ge=1, le=model.MAX_ID),
-    WithJsonSchema({"type": "integer", "minimum": 1, "maximum": model.MAX_ID}),
-]
-After = Annotated[
-    int,
-    Digits,
-    Field(ge=0, le=model.MAX_ID),
-    WithJsonSchema({"type": "integer", "minimum": 0, "maximum": model.MAX_ID}),
-]
-
-
 class ListQuery(BaseModel):
+    # The limits before the validator: after it, pydantic documents them as `ge`/`le`, which no JSON Schema tool reads.
     status: Status | None = None
-    limit: Limit | None = None
-    after: After | None = None
+    limit: Annotated[int, Field(ge=1, le=model.MAX_ID), Digits] | None = None
+    after: Annotated[int, Field(ge=0, le=model.MAX_ID), Digits] | None = None
 
 
 class NoQuery(BaseModel):

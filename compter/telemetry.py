@@ -58,13 +58,18 @@ _W3C = TraceContextTextMapPropagator()
 SERIES_PER_DEBT = 4
 
 
+def series_room(max_debts: int) -> int:
+    """How many series each instrument may have."""
+    return SERIES_PER_DEBT * max_debts
+
+
 def metric_views(max_debts: int) -> list[View]:
     """Views that let the SDK hold every series Compter hands out (its own default limit is 2,000).
 
     Compter counts each instrument's series itself (Bounded), so that the SDK never folds a
     series into its overflow series without the log saying so; the + 1 is that overflow series.
     """
-    return [View(instrument_name="compter.*", aggregation_cardinality_limit=SERIES_PER_DEBT * max_debts + 1)]
+    return [View(instrument_name="compter.*", aggregation_cardinality_limit=series_room(max_debts) + 1)]
 
 
 class Bounded:
@@ -74,6 +79,7 @@ class Bounded:
         self._measure = instrument.add if isinstance(instrument, metrics.Counter) else instrument.record
         self._name = name
         self._max_debts = max_debts
+        self._room = series_room(max_debts)
         self._used: set[frozenset[tuple[str, AnyValue]]] = set()
         self._warned = False
 
@@ -84,7 +90,7 @@ class Bounded:
         key = frozenset(attributes.items())
         if attributes is OVERFLOW or key in self._used:
             return attributes
-        if len(self._used) < SERIES_PER_DEBT * self._max_debts:
+        if len(self._used) < self._room:
             self._used.add(key)
             return attributes
         if not self._warned:
